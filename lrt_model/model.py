@@ -1,0 +1,362 @@
+"""nanochat-style GPT backbone with an optional latent recurrent memory (LRT).
+
+Design choices:
+- Backbone: rotary positions, QK-norm, parameter-free RMSNorm (after the
+  embedding, before attention and MLP, at the end), no biases, ReLU^2 MLP of
+  width 4d, untied embedding and head, fp32 logit soft-cap 15*tanh(z/15),
+  optional GQA, per-layer residual scalars x = a_i*x + b_i*x0, zero-init output
+  projections, optional value embeddings (ResFormer-style, gated into V).
+- One primitive, `run`, computes hidden states for a set of *query positions*
+  against a key/value store. A full causal pass, an interleaved subset pass
+  over the pass-0 K/V buffer, and a decode step through a KV cache are all
+  `run` with a different store, so the three paths cannot drift apart.
+- Memory m_t (the source layer's normed state at t-1) enters two ways:
+  KVProjection (k += W_k m, v += W_v m before QK-norm/RoPE, optional per-head
+  gates starting at 1) and ResidualInjection (x += gamma_i m before block i).
+  The shared projection is computed once per pass and reused by every layer.
+- Memory `None` means zero memory and skips the projections entirely.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+VE_GATE_CHANNELS = 32  # nanochat: the value-embedding gate reads the first 32 channels
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, n, H, D); cos/sin: (n, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+# ---------------------------------------------------------------------------
+# Key/value stores: where a pass writes its fresh K/V and what it attends over.
+
+
+class SelfKV:
+    """A self-contained causal pass over positions 0..n-1 (no outside keys).
+
+    `capture=True` keeps every layer's K/V (after norm/RoPE) for an
+    interleaved buffer; `keep_raw=True` also keeps the pre-norm, memory-free
+    projections so that unvisited positions can be re-projected later.
+    """
+
+    causal_full = True
+
+    def __init__(self, depth: int, capture: bool = False, keep_raw: bool = False):
+        self.capture, self.keep_raw = capture, keep_raw
+        self.k: list = [None] * depth
+        self.v: list = [None] * depth
+        self.raw_k: list = [None] * depth
+        self.raw_v: list = [None] * depth
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
+        if self.capture:
+            self.k[layer], self.v[layer] = k, v
+        return k, v, None
+
+
+class BufferKV:
+    """Interleaved subset pass: fresh K/V are written into the layer's buffer
+    (out of place, so autograd keeps every version it needs) and the queries
+    attend over the whole buffer under a position-aware causal mask."""
+
+    causal_full = False
+
+    def __init__(self, k: list, v: list):
+        self.k, self.v = list(k), list(v)
+        self.mask = None
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
+        self.k[layer] = self.k[layer].index_copy(2, q_pos, k)
+        self.v[layer] = self.v[layer].index_copy(2, q_pos, v)
+        if self.mask is None:  # one mask per pass, shared by all layers
+            T = self.k[layer].shape[2]
+            self.mask = torch.arange(T, device=q_pos.device)[None, :] <= q_pos[:, None]
+        return self.k[layer], self.v[layer], self.mask
+
+
+class KVCache:
+    """Decoding cache. Queries are consecutive positions [start, start+n).
+
+    Without autograd the cache is preallocated and written in place; with
+    autograd (sequential training on tiny models) it grows by concatenation.
+    """
+
+    causal_full = False
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        self.depth, self.max_len = cfg.depth, max_len
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.inplace = not torch.is_grad_enabled()
+        if self.inplace:
+            self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
+            self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
+        else:
+            self.k = [None] * cfg.depth
+            self.v = [None] * cfg.depth
+        self.length = 0  # positions written so far (all layers)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
+        start, n = self.length, k.shape[2]
+        end = start + n
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; generation needs {end}")
+        if self.inplace:
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+            keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        else:
+            self.k[layer] = k if start == 0 else torch.cat([self.k[layer], k], dim=2)
+            self.v[layer] = v if start == 0 else torch.cat([self.v[layer], v], dim=2)
+            keys, values = self.k[layer], self.v[layer]
+        mask = None
+        if n > 1:  # a chunk: causal within it, everything before it visible
+            mask = torch.arange(end, device=k.device)[None, :] <= q_pos[:, None]
+        if layer == self.depth - 1:
+            self.length = end
+        return keys, values, mask
+
+
+# ---------------------------------------------------------------------------
+# Modules
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, hd
+        self.c_q = nn.Linear(d, self.n_head * hd, bias=False)
+        self.c_k = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.c_v = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv, bias=False) if cfg.has_value_embed(layer) else None
+        rec = cfg.recurrence
+        self.mem_k = self.mem_v = self.mem_gate_k = self.mem_gate_v = None
+        if rec is not None and rec.uses_kv:
+            if rec.projection == "layerwise":
+                self.mem_k = nn.Linear(d, self.n_kv * hd, bias=False)
+                self.mem_v = nn.Linear(d, self.n_kv * hd, bias=False)
+            if rec.gates:
+                self.mem_gate_k = nn.Parameter(torch.ones(self.n_kv))
+                self.mem_gate_v = nn.Parameter(torch.ones(self.n_kv))
+
+    def memory_kv(self, memory: torch.Tensor, shared_kv):
+        """The memory's (k, v) contribution, each (B, n, H_kv, D), gates applied."""
+        if self.mem_k is not None:
+            B, n, _ = memory.shape
+            mk = self.mem_k(memory).view(B, n, self.n_kv, self.head_dim)
+            mv = self.mem_v(memory).view(B, n, self.n_kv, self.head_dim)
+        else:
+            mk, mv = shared_kv
+        if self.mem_gate_k is not None:
+            mk = mk * self.mem_gate_k[:, None]
+            mv = mv * self.mem_gate_v[:, None]
+        return mk, mv
+
+    def raw_kv(self, x: torch.Tensor, ve):
+        """Pre-norm K and V without memory: (B, n, H_kv, D) each."""
+        B, n, _ = x.shape
+        k = self.c_k(x).view(B, n, self.n_kv, self.head_dim)
+        v = self.c_v(x).view(B, n, self.n_kv, self.head_dim)
+        if ve is not None:
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, n, self.n_kv, self.head_dim)
+        return k, v
+
+    def forward(self, x, ve, cos, sin, mem_kv, kv, layer: int, q_pos):
+        B, n, _ = x.shape
+        q = self.c_q(x).view(B, n, self.n_head, self.head_dim)
+        k, v = self.raw_kv(x, ve)
+        if isinstance(kv, SelfKV) and kv.keep_raw:
+            kv.raw_k[layer], kv.raw_v[layer] = k, v
+        if mem_kv is not None:
+            k, v = k + mem_kv[0], v + mem_kv[1]
+        q = apply_rotary(rms_norm(q), cos, sin).transpose(1, 2)
+        k = apply_rotary(rms_norm(k), cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        keys, values, mask = kv.write(layer, k, v, q_pos)
+        gqa = self.n_head != self.n_kv
+        if kv.causal_full:
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, ve, cos, sin, mem_kv, kv, q_pos):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, mem_kv, kv, self.layer, q_pos)
+        return x + self.mlp(rms_norm(x))
+
+
+@dataclass
+class RunOutput:
+    hidden: torch.Tensor  # final normed hidden states at the query positions (B, n, d)
+    source: torch.Tensor | None  # source-layer normed states at the query positions
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.wte = nn.Embedding(cfg.vocab_size, d)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(cfg.depth))
+        self.x0_lambdas = nn.Parameter(torch.full((cfg.depth,), 0.1))
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(cfg.vocab_size, kv_dim) for i in range(cfg.depth) if cfg.has_value_embed(i)}
+        )
+        rec = self.rec = cfg.recurrence
+        self.source_index = rec.source_index(cfg.depth) if rec else None
+        self.mem_k = self.mem_v = self.gamma = None
+        if rec is not None and rec.uses_kv and rec.projection == "shared":
+            self.mem_k = nn.Linear(d, kv_dim, bias=False)
+            self.mem_v = nn.Linear(d, kv_dim, bias=False)
+        if rec is not None and rec.uses_residual:
+            self.gamma = nn.Parameter(torch.full((cfg.depth,), float(rec.gamma_init)))
+        self._rotary_len = 0
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    # -- set-up ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's init: N(0,1) embeddings, tiny head, uniform matrices with
+        std 1/sqrt(d), zero output projections (each block starts as identity)."""
+        d = self.cfg.d_model
+        bound = math.sqrt(3) * d**-0.5
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            a = block.attn
+            for lin in (a.c_q, a.c_k, a.c_v, block.mlp.c_fc, a.mem_k, a.mem_v):
+                if lin is not None:
+                    nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(a.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if a.ve_gate is not None:
+                nn.init.zeros_(a.ve_gate.weight)  # gate = 2*sigmoid(0) = 1
+            for g in (a.mem_gate_k, a.mem_gate_v):
+                if g is not None:
+                    g.fill_(1.0)
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -bound, bound)
+        for lin in (self.mem_k, self.mem_v):
+            if lin is not None:
+                nn.init.uniform_(lin.weight, -bound, bound)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        if self.gamma is not None:
+            self.gamma.fill_(float(self.rec.gamma_init))
+
+    def _rotary(self, positions: torch.Tensor):
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        if need > self._rotary_len or self.rope_cos.device != positions.device:
+            length = max(need, 2 * self.cfg.seq_len)
+            hd = self.cfg.head_dim
+            inv_freq = 1.0 / (self.cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq).to(positions.device)
+            self.rope_cos, self.rope_sin = freqs.cos(), freqs.sin()
+            self._rotary_len = length
+        dtype = self.wte.weight.dtype
+        return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+
+    # -- the one primitive ----------------------------------------------------
+
+    def run(self, idx: torch.Tensor, q_pos: torch.Tensor | None, memory: torch.Tensor | None, kv) -> RunOutput:
+        """Hidden states for tokens `idx` (B, n) at positions `q_pos` (None:
+        0..n-1), with memory (B, n, d) at those positions (None: zero memory),
+        writing K/V into and attending over the store `kv`."""
+        B, n = idx.shape
+        positions = q_pos if q_pos is not None else torch.arange(n, device=idx.device)
+        cos, sin = self._rotary(positions)
+        x = x0 = rms_norm(self.wte(idx))
+        shared_kv = None
+        if memory is not None and self.mem_k is not None:  # once per pass, reused by all layers
+            kv_shape = (B, n, self.cfg.kv_heads, self.cfg.head_dim)
+            shared_kv = (self.mem_k(memory).view(kv_shape), self.mem_v(memory).view(kv_shape))
+        source = None
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            mem_kv = None
+            if memory is not None:
+                if self.gamma is not None:
+                    x = x + self.gamma[i] * memory
+                if self.rec.uses_kv:
+                    mem_kv = block.attn.memory_kv(memory, shared_kv)
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, mem_kv, kv, positions)
+            if i == self.source_index and i != self.cfg.depth - 1:
+                source = rms_norm(x)
+        x = rms_norm(x)
+        if self.source_index == self.cfg.depth - 1:
+            source = x  # the final layer's normed output
+        return RunOutput(x, source)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = self.lm_head(hidden)
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()  # soft-cap in fp32 (float64 stays float64 for reference runs)
+        c = self.cfg.softcap
+        return c * torch.tanh(z / c)
+
+    def forward(self, idx: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """One full causal pass (the baseline, or LRT with a given memory)."""
+        return self.logits(self.run(idx, None, memory, SelfKV(self.cfg.depth)).hidden)
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def memory_parameter_names(self) -> list[str]:
+        """Parameters that exist only because of the recurrence."""
+        keys = ("mem_k", "mem_v", "mem_gate_k", "mem_gate_v", "gamma")
+        return [n for n, _ in self.named_parameters() if any(part in keys for part in n.split("."))]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def param_overhead(self) -> float:
+        """Fraction of parameters added by the recurrent memory."""
+        names = set(self.memory_parameter_names())
+        extra = sum(p.numel() for n, p in self.named_parameters() if n in names)
+        return extra / (self.num_params() - extra)
+
+
+def shift_memory(source: torch.Tensor) -> torch.Tensor:
+    """m_t = source_{t-1}, m_0 = 0, for source states (B, T, d)."""
+    return F.pad(source[:, :-1], (0, 0, 1, 0))
