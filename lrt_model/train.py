@@ -1,0 +1,423 @@
+"""The single-run trainer: one training loop for the CLI, the tests and every
+Ray Train worker.
+
+Design choices:
+- `train(config, callback)` is the only loop. Reporting goes through the
+  callback (a function of one dict), never through a tracking library, so
+  this package runs on a GPU box with only torch installed.
+- Budget: exactly one of a token count, a FLOPs budget (divided by the
+  strategy's FLOPs per token from `flops.py`) or a tokens-per-parameter ratio.
+- Gradient accumulation reaches `total_batch_tokens` from micro-batches of
+  `batch_size` rows per rank. Under torch.distributed (Ray Train) the loss
+  module is wrapped in DDP and each rank reads its own rows.
+- Checkpoints hold model, optimisers, step, data position, evaluation history
+  and RNG, written atomically; a run resumes from its checkpoint directory
+  and continues exactly as if never stopped.
+- Validation bpb before the first step, every `eval_every` steps and at the
+  end; LRT runs report the full, merged and sequential views.
+
+Example:
+    python -m lrt_model.train --depth 2 --tokens 1000000 --json
+    python -m lrt_model.train --depth 4 --strategy interleaved --passes 2 --tokens 2000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .config import ConfigError, ModelConfig, RecurrenceConfig
+from .data import DataError, TokenLoader, resolve_corpus, validation_rows
+from .evaluate import evaluate_bpb
+from .flops import training_flops_per_token
+from .model import GPT
+from .optim import OptimConfig, build_optimizers, set_schedule
+from .recurrence import training_loss
+from .tokenizer import get_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    corpus: str = "stdlib"  # "stdlib", a directory of parquet shards, or an s3:// URI
+    tokenizer: str = "byte"  # "byte" or "bpe:N"
+    batch_size: int = 8  # rows per micro-batch per rank
+    total_batch_tokens: int | None = None  # target batch (gradient accumulation); default one micro-batch per rank
+    tokens: int | None = None  # budget: exactly one of tokens, flops, tokens_per_param
+    flops: float | None = None
+    tokens_per_param: float | None = None
+    eval_every: int = 0  # steps; 0 = about 8 evaluations per run
+    eval_tokens: int = 32768  # validation tokens per evaluation
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    checkpoint_dir: str | None = None  # local path or s3:// URI; resumes from it when a checkpoint exists
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    stop_after_steps: int | None = None  # stop early (as if interrupted) after this many steps
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**d)
+
+
+Callback = Callable[[dict], None]
+
+
+class LossModule(nn.Module):
+    """Wraps the model so DDP sees a forward() that returns the training loss."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return training_loss(self.model, idx, targets)[0]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, dtype: str):
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def plan_tokens(cfg: TrainConfig, n_params: int) -> int:
+    budgets = [b for b in (cfg.tokens, cfg.flops, cfg.tokens_per_param) if b is not None]
+    if len(budgets) != 1:
+        raise ConfigError("give exactly one budget: tokens, flops or tokens_per_param")
+    if any(b <= 0 for b in budgets):
+        raise ConfigError(f"the budget must be positive, got {budgets[0]}")
+    if cfg.tokens is not None:
+        return int(cfg.tokens)
+    if cfg.flops is not None:
+        return int(cfg.flops / training_flops_per_token(cfg.model))
+    return int(cfg.tokens_per_param * n_params)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Progress:
+    """One self-overwriting line on stderr: step, loss, tokens/s, ETA."""
+
+    def __init__(self, enabled: bool, total_steps: int):
+        self.enabled = enabled and (sys.stderr.isatty() or os.environ.get("LRT_PROGRESS") == "1")
+        self.total = total_steps
+        self.tokens_per_step = 0
+        self.last = 0.0
+
+    def update(self, step: int, loss: float, tok_s: float):
+        now = time.time()
+        if not self.enabled or (now - self.last < 0.5 and step < self.total):
+            return
+        self.last = now
+        eta = (self.total - step) * (self._step_time(tok_s))
+        sys.stderr.write(f"\rstep {step}/{self.total} | loss {loss:.4f} | {tok_s:,.0f} tok/s | ETA {eta:,.0f}s   ")
+        sys.stderr.flush()
+
+    def _step_time(self, tok_s):
+        return self.tokens_per_step / tok_s if tok_s > 0 else 0.0
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
+    """Train one model; returns the final metrics (also passed to the callback
+    as {"event": "done", ...}). Events: "eval", "checkpoint", "done"."""
+    emit = callback or (lambda event: None)
+    t_start = time.time()
+    rank, world = _rank_world()
+    device = _device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    autocast = _autocast(device, cfg.dtype)
+
+    corpus = resolve_corpus(cfg.corpus)
+    tokenizer = get_tokenizer(cfg.tokenizer, corpus)
+    mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    T = mcfg.seq_len
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device)
+    n_params = model.num_params()
+    micro_tokens = cfg.batch_size * T
+    total_batch = cfg.total_batch_tokens or micro_tokens * world
+    if total_batch % (micro_tokens * world):
+        raise ConfigError(
+            f"total_batch_tokens={total_batch} must be a multiple of batch_size*seq_len*world = {micro_tokens * world}"
+        )
+    grad_accum = total_batch // (micro_tokens * world)
+    tokens_budget = plan_tokens(cfg, n_params)
+    total_steps = max(1, math.ceil(tokens_budget / total_batch))
+    flops_per_token = training_flops_per_token(mcfg)
+    eval_every = cfg.eval_every or max(1, math.ceil(total_steps / 8))
+
+    optimizers = build_optimizers(model, cfg.optim, total_batch)
+    loss_module = LossModule(model)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(loss_module) if cfg.compile else loss_module
+
+    loader = TokenLoader(corpus, tokenizer, "train", T, cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
+    val_rows = validation_rows(corpus, tokenizer, T, max(1, cfg.eval_tokens // T))
+    token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64)
+
+    step, evals, train_seconds, last_loss = 0, [], 0.0, float("nan")
+    if cfg.checkpoint_dir:
+        state = ckpt.load(cfg.checkpoint_dir)
+        if state is not None:
+            _check_same_run(state["config"], cfg)
+            model.load_state_dict(state["model"])
+            for opt, s in zip(optimizers, state["optimizers"]):
+                opt.load_state_dict(s)
+            loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"])
+            step, evals = state["step"], state["evals"]
+            train_seconds, last_loss = state["train_seconds"], state["train_loss"]
+
+    def evaluate() -> dict:
+        metrics = evaluate_bpb(model, val_rows, token_bytes, cfg.batch_size * 4, device, autocast)
+        point = {"step": step, "tokens": step * total_batch, "flops": step * total_batch * flops_per_token, **metrics}
+        evals.append(point)
+        emit({"event": "eval", "train_loss": last_loss, "tokens_per_s": _tok_s(), **point})
+        return point
+
+    def _tok_s() -> float:
+        return (step * total_batch) / train_seconds if train_seconds > 0 else 0.0
+
+    def save_checkpoint() -> None:
+        if not cfg.checkpoint_dir or rank != 0:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "loader": loader.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": step,
+            "evals": evals,
+            "train_seconds": train_seconds,
+            "train_loss": last_loss,
+            "config": cfg.to_dict(),
+        }
+        path = ckpt.save(state, cfg.checkpoint_dir)
+        emit({"event": "checkpoint", "step": step, "path": path, "checkpoint_dir": cfg.checkpoint_dir})
+
+    if step == 0 and not evals:
+        evaluate()
+    progress = Progress(cfg.progress and rank == 0, total_steps)
+    progress.tokens_per_step = total_batch
+    model.train()
+    stop_at = min(total_steps, cfg.stop_after_steps) if cfg.stop_after_steps is not None else total_steps
+    while step < stop_at:
+        t0 = time.time()
+        set_schedule(optimizers, step, total_steps, cfg.optim)
+        loss_sum = 0.0
+        for micro in range(grad_accum):
+            inputs, targets = (t.to(device) for t in loader.next_batch())
+            sync = world == 1 or micro == grad_accum - 1
+            ctx = loss_module.no_sync() if (world > 1 and not sync) else _null()
+            with ctx, autocast:
+                loss = step_fn(inputs, targets)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        last_loss = float(loss_sum) / grad_accum
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower the learning rates")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.time() - t0
+        step += 1
+        progress.update(step, last_loss, _tok_s())
+        if step % eval_every == 0 or step == total_steps:
+            evaluate()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
+            save_checkpoint()
+    progress.close()
+    save_checkpoint()
+
+    final = dict(evals[-1])
+    for key in ("step", "tokens", "flops"):
+        final.pop(key, None)
+    metrics = {
+        "params": n_params,
+        "param_overhead": model.param_overhead(),
+        "tokens": step * total_batch,
+        "flops": step * total_batch * flops_per_token,
+        "flops_per_token": flops_per_token,
+        "steps": step,
+        "total_steps": total_steps,
+        "finished": step >= total_steps,
+        "train_loss": last_loss,
+        "tokens_per_s": _tok_s(),
+        "wall_s": time.time() - t_start,
+        **final,
+        "evals": [{k: v for k, v in e.items() if k != "val_bpb_by_position"} for e in evals],
+    }
+    emit({"event": "done", **metrics})
+    return metrics
+
+
+_RUN_INDEPENDENT = ("stop_after_steps", "progress", "checkpoint_every", "checkpoint_dir", "device", "compile")
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint written by a different run."""
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in _RUN_INDEPENDENT and saved.get(k) != now[k]]
+    if diff:
+        raise ConfigError(
+            f"the checkpoint in {cfg.checkpoint_dir} belongs to a run with different {', '.join(diff)}; "
+            "use a new --checkpoint-dir or the original settings"
+        )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lrt_model.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON file with a TrainConfig (flags given on the command line override it)")
+    m = p.add_argument_group("model")
+    m.add_argument("--depth", type=int, default=4)
+    m.add_argument("--width", type=int, default=None, help="default depth*64 rounded up to head_dim")
+    m.add_argument("--head-dim", type=int, default=64)
+    m.add_argument("--n-kv-head", type=int, default=None, help="grouped-query attention")
+    m.add_argument("--seq-len", type=int, default=256)
+    m.add_argument("--value-embeds", choices=["none", "alternating", "all"], default="none")
+    r = p.add_argument_group("recurrence (no --strategy: baseline)")
+    r.add_argument("--strategy", choices=["interleaved", "multi_refine", "sequential"], default=None)
+    r.add_argument("--passes", type=int, default=2, help="S for interleaved, K for multi_refine")
+    r.add_argument("--source-layer", type=int, default=-1)
+    r.add_argument("--injection", choices=["kv", "residual", "both"], default="both")
+    r.add_argument("--projection", choices=["shared", "layerwise"], default="shared")
+    r.add_argument("--no-gates", action="store_true")
+    r.add_argument("--gamma-init", type=float, default=0.1)
+    r.add_argument("--refresh-kv", action="store_true")
+    r.add_argument("--detach", action="store_true")
+    r.add_argument("--loss-weights", type=float, nargs="+", default=None)
+    t = p.add_argument_group("training")
+    t.add_argument("--corpus", default="stdlib")
+    t.add_argument("--tokenizer", default="byte")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--total-batch-tokens", type=int, default=None)
+    b = t.add_mutually_exclusive_group()
+    b.add_argument("--tokens", type=float, default=None)
+    b.add_argument("--flops", type=float, default=None)
+    b.add_argument("--tokens-per-param", type=float, default=None)
+    t.add_argument("--matrix-lr", type=float, default=OptimConfig.matrix_lr)
+    t.add_argument("--embedding-lr", type=float, default=OptimConfig.embedding_lr)
+    t.add_argument("--unembedding-lr", type=float, default=OptimConfig.unembedding_lr)
+    t.add_argument("--warmdown-frac", type=float, default=OptimConfig.warmdown_frac)
+    t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--eval-tokens", type=int, default=32768)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--checkpoint-dir", default=None)
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--stop-after-steps", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON line on stdout")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.config:
+        with open(args.config) as f:
+            return TrainConfig.from_dict(json.load(f))
+    rec = None
+    if args.strategy:
+        rec = RecurrenceConfig(
+            source_layer=args.source_layer, injection=args.injection, projection=args.projection,
+            gates=not args.no_gates, gamma_init=args.gamma_init, strategy=args.strategy, passes=args.passes,
+            refresh_kv=args.refresh_kv, detach=args.detach, loss_weights=args.loss_weights,
+        )
+    model = ModelConfig(depth=args.depth, width=args.width, head_dim=args.head_dim, n_kv_head=args.n_kv_head,
+                        seq_len=args.seq_len, value_embeds=args.value_embeds, recurrence=rec)
+    optim = OptimConfig(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                        unembedding_lr=args.unembedding_lr, warmdown_frac=args.warmdown_frac)
+    budget = {"tokens": int(args.tokens) if args.tokens is not None else None, "flops": args.flops,
+              "tokens_per_param": args.tokens_per_param}
+    if all(v is None for v in budget.values()):
+        budget["tokens_per_param"] = 10.0
+    return TrainConfig(
+        model=model, optim=optim, corpus=args.corpus, tokenizer=args.tokenizer, batch_size=args.batch_size,
+        total_batch_tokens=args.total_batch_tokens, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+        seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        stop_after_steps=args.stop_after_steps, progress=not args.quiet, **budget,
+    )
+
+
+def _print_eval(event: dict) -> None:
+    if event["event"] == "eval":
+        views = " ".join(f"{k[8:]}={event[k]:.4f}" for k in ("val_bpb_full", "val_bpb_merged", "val_bpb_sequential") if k in event)
+        print(f"\n[eval] step {event['step']} tokens {event['tokens']:,} val_bpb {event['val_bpb']:.4f} ({views})",
+              file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        metrics = train(cfg, callback=None if args.quiet else _print_eval)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"done: {metrics['steps']} steps, {metrics['tokens']:,} tokens, val_bpb {metrics['val_bpb']:.4f}, "
+              f"{metrics['tokens_per_s']:,.0f} tok/s, {metrics['wall_s']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
