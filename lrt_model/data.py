@@ -1,0 +1,494 @@
+"""Corpora, BOS-aligned best-fit packing and a resumable token loader.
+
+Design choices:
+- A corpus is a directory of parquet shards `*.parquet`, sorted by name, each
+  with one string column `text` (nanochat/FineWeb format). The LAST shard is
+  validation, the others train (nanochat's convention), so a corpus needs at
+  least two shards.
+- Every corpus path operation and read goes through `pyarrow.fs` (never
+  `open()`/`os.path` on a corpus), so an `s3://bucket/dir` URI works wherever
+  a local directory does.
+- The embedded default corpus is the running interpreter's standard library
+  (`*.py`, site-packages excluded): present on every machine, no download.
+  Documents go to validation when `crc32(relpath) % 20 == 0`, so the split
+  is the same on every machine with the same Python. Corpora are built into
+  a temp dir and renamed into place; a completion marker makes the build a
+  cache hit next time, and a process that loses a build race uses the winner's.
+- Packing is nanochat's BOS-aligned best-fit with no padding: every row is
+  full, every document starts with BOS. Unlike nanochat, a document longer
+  than a row is first split into row-sized pieces (only the first keeps the
+  BOS) so that long source files are not cropped away.
+- The loader packs one shard at a time (memory ~ one shard), shuffles train
+  rows with a generator seeded by (seed, epoch, shard), and gives rank r the
+  rows r::world_size after trimming each shard to a multiple of world_size.
+  Trimming keeps ranks in lockstep, so every rank's `state_dict()` is the
+  same and resuming re-packs the current shard and skips rows: the resumed
+  loader yields exactly the batches the original would have.
+
+Example:
+    >>> from lrt_model.data import TokenLoader
+    >>> from lrt_model.tokenizer import ByteTokenizer
+    >>> loader = TokenLoader("stdlib", ByteTokenizer(), "train", seq_len=256, batch_size=8)
+    >>> x, y = loader.next_batch()  # int64 (8, 256) each; y is x shifted by one
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sys
+import sysconfig
+import uuid
+import zlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+SHARD_BYTES = 8 * 1024 * 1024  # train shard size target: a shard packs in about a second
+VAL_MODULUS = 20  # crc32(relpath) % 20 == 0 -> validation (~5% of documents)
+MARKER = "_COMPLETE"  # written last into the temp dir: its presence means the build finished
+LOOKAHEAD = 256  # pieces the best-fit packer may choose from
+
+
+class DataError(Exception):
+    """A corpus or data setting is unusable; the one-line message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------
+# Filesystem helpers: the only place that turns a corpus string into (fs, path)
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI such as s3://bucket/dir."""
+    if "://" not in uri:
+        # from_uri wants an absolute path; this is string work, not file access
+        uri = os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot open corpus location {uri!r} ({e}): pass a local directory or an s3:// URI") from e
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _normalize(spec: str) -> str:
+    """Absolute local path (URIs unchanged): the stable name of a corpus."""
+    return spec if "://" in spec else os.path.abspath(os.path.expanduser(spec))
+
+
+def _list_shards(corpus: str) -> tuple[pafs.FileSystem, list[str]]:
+    """All `*.parquet` shards of a corpus, sorted by file name; errors say how to fix the corpus."""
+    fs, path = _fs(corpus)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(
+            f"corpus path {corpus} does not exist: pass --corpus stdlib, a directory of .parquet shards, "
+            "or a directory of text files via build_text_dir_corpus"
+        )
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"corpus path {corpus} is a file, not a directory: "
+                        "pass the directory that holds the .parquet shards")
+    files = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    shards = sorted((f.path for f in files if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")),
+                    key=lambda p: p.rsplit("/", 1)[-1])
+    if not shards:
+        raise DataError(
+            f"no .parquet shards in {corpus}: a corpus is a directory of parquet files with a string column 'text' "
+            "(build one from text files with build_text_dir_corpus)"
+        )
+    if len(shards) == 1:
+        raise DataError(
+            f"corpus {corpus} has a single shard; the last shard (by name) is the validation split, "
+            "so add a second, validation shard that sorts after it"
+        )
+    return fs, shards
+
+
+def _check_text_column(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"shard {path} is not a readable parquet file ({e}): rewrite or remove it") from e
+    if "text" not in schema.names:
+        raise DataError(f"shard {path} has no 'text' column (columns found: {', '.join(schema.names) or 'none'}): "
+                        "write the documents into a string column named 'text'")
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"shard {path} column 'text' has type {kind}, not string: "
+                        "store one document per row as a string")
+
+
+def _read_texts(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The non-empty documents of one shard, in row order."""
+    _check_text_column(fs, path)
+    column = pq.read_table(path, columns=["text"], filesystem=fs).column("text")
+    return [t for t in column.to_pylist() if t]
+
+
+# ---------------------------------------------------------------------------
+# Building corpora
+
+
+CORPUS_FORMAT = "v2"  # bump when the builders' output changes, so stale caches are not reused
+
+
+def _cache_root() -> str:
+    return os.environ.get("LRT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lrt")
+
+
+def _write_corpus(docs: list[tuple[str, str]], out_dir: str) -> str:
+    """Write (relpath, text) docs as train shards + one last validation shard, atomically.
+
+    Builds into a sibling temp dir and renames it into place, so readers never
+    see a half-written corpus; if another process won the race, use its corpus.
+    """
+    out_dir = _normalize(out_dir)
+    fs, out = _fs(out_dir)
+    if fs.get_file_info(_join(out, MARKER)).type == pafs.FileType.File:
+        return out_dir  # cached: a finished build is immutable
+    train, val = _split_docs(docs)
+    tmp = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(tmp, recursive=True)
+    try:
+        shards = _chunk_by_bytes(train, SHARD_BYTES) + [val]  # validation last so it sorts last
+        for i, texts in enumerate(shards):
+            table = pa.table({"text": pa.array(texts, type=pa.string())})
+            pq.write_table(table, _join(tmp, f"shard_{i:05d}.parquet"), filesystem=fs)
+        with fs.open_output_stream(_join(tmp, MARKER)) as f:
+            f.write(f"{len(train)} train docs in {len(shards) - 1} shards, {len(val)} val docs\n".encode())
+        try:
+            fs.move(tmp, out)
+        except OSError:
+            if fs.get_file_info(out).type == pafs.FileType.NotFound:
+                raise  # not a race: report the real failure (permissions, full disk, ...)
+            if fs.get_file_info(_join(out, MARKER)).type != pafs.FileType.File:
+                raise DataError(f"{out_dir} exists but is not a finished corpus (no {MARKER} marker): "
+                                "delete it and build again")
+            # lost a race to an identical build: the winner's corpus is as good as ours
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_dir(tmp)
+    return out_dir
+
+
+def _split_docs(docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Hash-based split, so adding a file never moves other files between splits."""
+    train, val = [], []
+    # train documents go in a hash order, so every shard is a cross-section of the
+    # corpus (path order would give a short run only asyncio/, collections/, ...)
+    order = lambda d: (zlib.crc32(b"order:" + d[0].encode("utf-8")), d[0])  # noqa: E731
+    for rel, text in docs:
+        if zlib.crc32(rel.encode("utf-8")) % VAL_MODULUS == 0:
+            val.append(text)
+    train = [text for rel, text in sorted(docs, key=order) if zlib.crc32(rel.encode("utf-8")) % VAL_MODULUS]
+    if len(docs) < 2:
+        raise DataError(f"a corpus needs at least 2 non-empty documents (found {len(docs)}): add more text files")
+    if not val:  # tiny corpora: still guarantee a validation split
+        val.append(train.pop())
+    if not train:
+        train.append(val.pop(0))
+    return train, val
+
+
+def _chunk_by_bytes(texts: list[str], limit: int) -> list[list[str]]:
+    chunks, cur, size = [], [], 0
+    for t in texts:
+        cur.append(t)
+        size += len(t.encode("utf-8"))
+        if size >= limit:
+            chunks.append(cur)
+            cur, size = [], 0
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _read_source(path: Path) -> str:
+    # a few stdlib files are not valid UTF-8; keep them, with U+FFFD for the bad bytes
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """(relpath, path) of the interpreter's standard-library `*.py` files, sorted by relpath."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*.py")]
+    return sorted((rel, p) for rel, p in files if "site-packages" not in rel.split("/") and p.is_file())
+
+
+def build_stdlib_corpus(out_dir: str | None = None) -> str:
+    """Build (or reuse) the standard-library corpus; returns its directory.
+
+    Default location: $LRT_CACHE/corpora/stdlib-py<major><minor> ($LRT_CACHE
+    defaults to ~/.cache/lrt). Another Python version has other files, so it
+    gets its own corpus.
+    """
+    if out_dir is None:
+        tag = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{CORPUS_FORMAT}"
+        out_dir = os.path.join(_cache_root(), "corpora", tag)
+    fs, out = _fs(_normalize(out_dir))
+    if fs.get_file_info(_join(out, MARKER)).type == pafs.FileType.File:
+        return _normalize(out_dir)  # cache hit: skip reading 30 MB of source
+    docs = [(rel, text) for rel, p in stdlib_files() if (text := _read_source(p))]
+    return _write_corpus(docs, out_dir)
+
+
+def build_text_dir_corpus(src_dir: str, out_dir: str) -> str:
+    """Build (or reuse) a corpus from every text file under a local directory, one document per file.
+
+    Files with NUL bytes in their first 8 KiB are treated as binary and
+    skipped; other bytes that are not UTF-8 become U+FFFD. Hidden files and
+    directories (.git, ...) and empty files are skipped.
+    """
+    root = Path(src_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"text directory {src_dir} does not exist or is not a directory: "
+                        "pass a directory of text files")
+    docs = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        raw = p.read_bytes()
+        if b"\x00" in raw[:8192]:
+            continue  # binary file
+        text = raw.decode("utf-8", errors="replace")
+        if text.strip():
+            docs.append((rel, text))
+    if not docs:
+        raise DataError(f"no non-empty text files under {src_dir}: add text files (one document per file)")
+    return _write_corpus(docs, out_dir)
+
+
+def resolve_corpus(spec: str) -> str:
+    """'stdlib' -> the built standard-library corpus; else a validated directory/URI of parquet shards."""
+    if spec == "stdlib":
+        return build_stdlib_corpus()
+    spec = _normalize(spec)
+    fs, shards = _list_shards(spec)
+    _check_text_column(fs, shards[0])
+    return spec
+
+
+def iter_texts(corpus: str, split: str = "train") -> Iterator[str]:
+    """Documents of one split, shard by shard (used e.g. to train a BPE tokenizer)."""
+    fs, shards = _list_shards(resolve_corpus(corpus))
+    for path in _split_shards(shards, split):
+        yield from _read_texts(fs, path)
+
+
+def _split_shards(shards: list[str], split: str) -> list[str]:
+    if split == "train":
+        return shards[:-1]
+    if split == "val":
+        return shards[-1:]
+    raise DataError(f"split={split!r} is not allowed; choose one of train, val")
+
+
+# ---------------------------------------------------------------------------
+# Packing
+
+
+def _pieces(docs_tokens: list[np.ndarray], row_len: int) -> tuple[list[int], list[int], list[int]]:
+    """Split each [BOS] + doc into pieces of at most row_len tokens.
+
+    A piece is (doc, start, length) in the doc's virtual sequence [BOS] + tokens
+    (start 0 is the BOS), so no token array is copied until rows are written.
+    """
+    doc, start, length = [], [], []
+    for d, toks in enumerate(docs_tokens):
+        total = len(toks) + 1
+        if total == 1:
+            continue  # an empty doc would be a lone BOS: nothing to learn from
+        for s in range(0, total, row_len):
+            doc.append(d)
+            start.append(s)
+            length.append(min(row_len, total - s))
+    return doc, start, length
+
+
+def _plan_rows(length: list[int], row_len: int, lookahead: int) -> list[list[tuple[int, int]]]:
+    """Best-fit row plans: lists of (piece, tokens taken); only full rows are kept."""
+    n = len(length)
+    used = bytearray(n)
+    avail: list[tuple[int, int]] = []  # sorted (length, -piece): best fit is a bisect away
+    nxt = head = 0
+    plans = []
+
+    def take(key: tuple[int, int]) -> int:
+        avail.pop(bisect.bisect_left(avail, key))
+        used[-key[1]] = 1
+        return -key[1]
+
+    while True:
+        while nxt < n and len(avail) < lookahead:
+            bisect.insort(avail, (length[nxt], -nxt))
+            nxt += 1
+        if not avail:
+            return plans
+        while used[head]:
+            head += 1
+        # the oldest piece starts the row, so every piece leaves the buffer within ~lookahead rows
+        first = take((length[head], -head))
+        plan, space = [(first, length[first])], row_len - length[first]
+        while space:
+            while nxt < n and len(avail) < lookahead:
+                bisect.insort(avail, (length[nxt], -nxt))
+                nxt += 1
+            if not avail:
+                return plans  # out of data: drop the partial row rather than pad it
+            # largest piece that fits; (space, 1) sorts after every (space, -i) so ties go to the oldest piece
+            k = bisect.bisect_right(avail, (space, 1)) - 1
+            if k >= 0:
+                p = take(avail[k])
+                plan.append((p, length[p]))
+                space -= length[p]
+            else:
+                # nothing fits: crop the shortest piece (oldest on ties) to fill the row; its tail is dropped
+                k = bisect.bisect_right(avail, (avail[0][0], 1)) - 1
+                p = take(avail[k])
+                plan.append((p, space))
+                space = 0
+        plans.append(plan)
+
+
+def pack_rows(docs_tokens: list[np.ndarray], bos_id: int, row_len: int, lookahead: int = LOOKAHEAD) -> np.ndarray:
+    """BOS-aligned best-fit packing without padding -> int32 array (n_rows, row_len).
+
+    Each doc becomes [BOS] + tokens, split into pieces of at most row_len
+    tokens (only the first keeps the BOS). A row starts with the oldest
+    remaining piece, then takes the largest piece from the next `lookahead`
+    that fits; when none fits, the shortest is cropped to fill the row exactly.
+    A final partial row is dropped. Deterministic. Use row_len = seq_len + 1:
+    inputs = row[:-1], targets = row[1:].
+    """
+    if row_len < 2:
+        raise DataError(f"row_len={row_len} must be >= 2 (row_len = seq_len + 1)")
+    doc, start, length = _pieces(docs_tokens, row_len)
+    plans = _plan_rows(length, row_len, lookahead)
+    rows = np.empty((len(plans), row_len), dtype=np.int32)
+    for r, plan in enumerate(plans):
+        pos = 0
+        for p, n in plan:
+            s, toks = start[p], docs_tokens[doc[p]]
+            if s == 0:  # the piece opens its doc: BOS first
+                rows[r, pos] = bos_id
+                pos, n, s = pos + 1, n - 1, 1
+            rows[r, pos:pos + n] = toks[s - 1:s - 1 + n]
+            pos += n
+    return rows
+
+
+def _pack_shard(fs: pafs.FileSystem, path: str, tokenizer, row_len: int) -> np.ndarray:
+    return pack_rows(tokenizer.encode_batch(_read_texts(fs, path)), tokenizer.bos_id, row_len)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+class TokenLoader:
+    """Endless, resumable, rank-sharded batches of packed rows from one split.
+
+    Both splits cycle forever (the epoch counter increments at the end); train
+    rows are shuffled within each shard, val rows are not. `state_dict()` is
+    the same on every rank: {"epoch", "shard", "row"}, where row counts rows
+    of the current shard consumed by all ranks together.
+    """
+
+    def __init__(self, corpus: str, tokenizer, split: str = "train", seq_len: int = 256, batch_size: int = 8,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+        if seq_len < 1 or batch_size < 1:
+            raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
+        self.corpus = resolve_corpus(corpus)
+        self.fs, shards = _list_shards(self.corpus)
+        self.shards = _split_shards(shards, split)
+        self.tokenizer, self.split = tokenizer, split
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = self.shard = self.local_row = 0
+        self._rows: np.ndarray | None = None  # this rank's rows of the current shard
+        self._rows_key: tuple[int, int] | None = None
+        self._packed: tuple[int, np.ndarray] | None = None  # (shard, unshuffled rows), kept only for a 1-shard split
+
+    def _shard_rows(self) -> np.ndarray:
+        key = (self.epoch, self.shard)
+        if self._rows_key != key:
+            if self._packed is None or self._packed[0] != self.shard:
+                self._packed = self._rows = None  # free the old shard before packing the next
+                rows = _pack_shard(self.fs, self.shards[self.shard], self.tokenizer, self.seq_len + 1)
+                self._packed = (self.shard, rows)
+            rows = self._packed[1]
+            if len(self.shards) > 1:
+                self._packed = None  # the next epoch reshuffles anyway: keep one copy of a shard, not two
+            if self.split == "train":
+                rng = np.random.default_rng([self.seed, self.epoch, self.shard])
+                rows = rows[rng.permutation(len(rows))]
+            usable = len(rows) // self.world_size * self.world_size  # equal counts keep ranks in lockstep
+            self._rows, self._rows_key = rows[self.rank:usable:self.world_size], key
+        return self._rows
+
+    def _advance_shard(self) -> None:
+        self.shard, self.local_row = self.shard + 1, 0
+        if self.shard == len(self.shards):
+            self.epoch, self.shard = self.epoch + 1, 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 (batch_size, seq_len); targets are inputs shifted left by one."""
+        parts, need, empty = [], self.batch_size, 0
+        while need:
+            rows = self._shard_rows()
+            got = rows[self.local_row:self.local_row + need]
+            parts.append(got)
+            need -= len(got)
+            self.local_row += len(got)
+            empty = 0 if len(got) else empty + 1
+            if empty > len(self.shards):
+                raise DataError(
+                    f"the {self.split} split of {self.corpus} packs into no rows of seq_len+1={self.seq_len + 1} "
+                    f"tokens for {self.world_size} rank(s): use a smaller seq_len or a larger corpus"
+                )
+            if self.local_row >= len(rows):
+                self._advance_shard()
+        batch = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        # contiguous so that callers may .view(-1) the targets, as loss code does
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "shard": self.shard, "row": self.local_row * self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume where `state` was taken: the next batches equal the original loader's."""
+        missing = {"epoch", "shard", "row"} - set(state)
+        if missing:
+            raise DataError(f"loader state lacks {', '.join(sorted(missing))}: "
+                            "pass a dict from TokenLoader.state_dict()")
+        if not 0 <= int(state["shard"]) < len(self.shards):
+            raise DataError(f"loader state shard={state['shard']} is outside this split's {len(self.shards)} shard(s): "
+                            "resume with the same corpus and split")
+        self.epoch, self.shard = int(state["epoch"]), int(state["shard"])
+        # row is global; rounding up means a changed world_size never repeats rows
+        self.local_row = -(-int(state["row"]) // self.world_size)
+
+
+def validation_rows(corpus: str, tokenizer, seq_len: int, max_rows: int) -> torch.Tensor:
+    """The first max_rows packed rows of the validation shard, unshuffled: int64 (n, seq_len + 1)."""
+    corpus = resolve_corpus(corpus)
+    fs, shards = _list_shards(corpus)
+    rows = _pack_shard(fs, shards[-1], tokenizer, seq_len + 1)[:max_rows]
+    if len(rows) == 0:
+        raise DataError(f"the validation shard {shards[-1]} packs into no rows of seq_len+1={seq_len + 1} tokens: "
+                        "use a smaller seq_len or a larger validation shard")
+    return torch.from_numpy(rows.astype(np.int64))
