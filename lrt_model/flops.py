@@ -75,3 +75,27 @@ def training_flops_per_token(cfg: ModelConfig) -> float:
 def baseline_equivalent(cfg: ModelConfig) -> float:
     """How many baseline tokens one training token of this config costs."""
     return training_flops_per_token(cfg) / baseline_flops_per_token(cfg)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, most specific first.
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H20", 148e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The card's dense bf16 peak, or None when it is not in the table (no MFU then)."""
+    for key, value in PEAK_BF16:
+        if key in device_name:
+            return value
+    return None

@@ -20,6 +20,7 @@ Design choices:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,42 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 VE_GATE_CHANNELS = 32  # nanochat: the value-embedding gate reads the first 32 channels
+
+try:  # FlexAttention: block-sparse masks for the interleaved subset passes on CUDA
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # older torch: dense boolean masks everywhere
+    BlockMask = create_block_mask = flex_attention = None
+
+# On CUDA the subset passes use FlexAttention, which skips key blocks that the
+# position-aware causal mask hides entirely (about half of them); SDPA with a
+# dense mask computes every block. Set LRT_FLEX=0 to compare or to debug.
+USE_FLEX = os.environ.get("LRT_FLEX", "1") != "0"
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, block_mask, gqa: bool):
+    global _compiled_flex
+    if _compiled_flex is None:  # flex_attention is only fast when compiled
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def subset_block_mask(q_pos: torch.Tensor, kv_len: int):
+    """Block mask for queries at positions q_pos against keys 0..kv_len-1."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_pos[q_idx]
+
+    return create_block_mask(mask_mod, None, None, q_pos.numel(), kv_len, device=q_pos.device)
+
+
+def attention(q, k, v, mask, gqa: bool):
+    """mask: "causal", None (attend to all keys), a boolean (n, L) tensor or a flex BlockMask."""
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return _flex_attention(q, k, v, mask, gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +92,6 @@ class SelfKV:
     projections so that unvisited positions can be re-projected later.
     """
 
-    causal_full = True
-
     def __init__(self, depth: int, capture: bool = False, keep_raw: bool = False):
         self.capture, self.keep_raw = capture, keep_raw
         self.k: list = [None] * depth
@@ -67,15 +102,13 @@ class SelfKV:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
         if self.capture:
             self.k[layer], self.v[layer] = k, v
-        return k, v, None
+        return k, v, "causal"
 
 
 class BufferKV:
     """Interleaved subset pass: fresh K/V are written into the layer's buffer
     (out of place, so autograd keeps every version it needs) and the queries
     attend over the whole buffer under a position-aware causal mask."""
-
-    causal_full = False
 
     def __init__(self, k: list, v: list):
         self.k, self.v = list(k), list(v)
@@ -86,7 +119,10 @@ class BufferKV:
         self.v[layer] = self.v[layer].index_copy(2, q_pos, v)
         if self.mask is None:  # one mask per pass, shared by all layers
             T = self.k[layer].shape[2]
-            self.mask = torch.arange(T, device=q_pos.device)[None, :] <= q_pos[:, None]
+            if k.is_cuda and USE_FLEX and create_block_mask is not None:
+                self.mask = subset_block_mask(q_pos, T)
+            else:
+                self.mask = torch.arange(T, device=q_pos.device)[None, :] <= q_pos[:, None]
         return self.k[layer], self.v[layer], self.mask
 
 
@@ -96,8 +132,6 @@ class KVCache:
     Without autograd the cache is preallocated and written in place; with
     autograd (sequential training on tiny models) it grows by concatenation.
     """
-
-    causal_full = False
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         self.depth, self.max_len = cfg.depth, max_len
@@ -191,11 +225,7 @@ class Attention(nn.Module):
         k = apply_rotary(rms_norm(k), cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         keys, values, mask = kv.write(layer, k, v, q_pos)
-        gqa = self.n_head != self.n_kv
-        if kv.causal_full:
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        y = attention(q, keys, values, mask, self.n_head != self.n_kv)
         return self.c_proj(y.transpose(1, 2).reshape(B, n, -1))
 
 

@@ -1,11 +1,15 @@
 """Shared test set-up. Service fixtures (a local Ray cluster, an `mlflow server`,
 a moto S3 server) live in their own modules and start once per session."""
 
+import importlib.util
 import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_ray", "tests.fixtures_mlflow", "tests.fixtures_s3"]
+# Service fixtures load only where their service is installed: a GPU box with
+# only torch (benchmarks/gpu_check.sh) still runs the model tests.
+_SERVICES = {"tests.fixtures_ray": "ray", "tests.fixtures_mlflow": "mlflow", "tests.fixtures_s3": "moto"}
+pytest_plugins = [plugin for plugin, package in _SERVICES.items() if importlib.util.find_spec(package)]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,221 @@
+"""LRT vs baseline: training step time, memory and decode speed, side by side.
+
+Design choices:
+- Every variant is timed in the same process, in interleaved rounds (one
+  iteration of each variant per round), and the median per variant is kept:
+  machine noise hits all variants alike, so the *ratios* are trustworthy even
+  on a busy 2-core box. Absolute times are printed for context only.
+- step = forward + backward + optimiser step (Muon + AdamW as in training);
+  fwd_bwd = forward + backward only.
+- Memory: on CUDA the peak allocated bytes of one training step; on the CPU
+  (no allocator statistics) the bytes of tensors saved for backward, the
+  activation memory that dominates a step's footprint.
+- Decode: tokens/s of `generate` (exact recurrence for LRT) after a short
+  prompt, at batch 1 and 8 (and 32 on CUDA).
+- Needs only torch: runs on a GPU box without ray/mlflow/optuna.
+
+Example:
+    python -m benchmarks.lrt            # CPU defaults: depth 4, width 256, seq 256, batch 8, vocab 4096
+    python -m benchmarks.lrt --json --device cuda --depth 12 --seq-len 2048 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from lrt_model.config import ModelConfig, RecurrenceConfig
+from lrt_model.decode import generate
+from lrt_model.flops import training_flops_per_token
+from lrt_model.model import GPT
+from lrt_model.optim import OptimConfig, build_optimizers
+from lrt_model.recurrence import training_loss
+from lrt_model.flops import peak_flops
+
+VARIANTS = {
+    "baseline": None,
+    "interleaved_s2": dict(strategy="interleaved", passes=2),
+    "interleaved_s4": dict(strategy="interleaved", passes=4),
+    "multi_refine_k2": dict(strategy="multi_refine", passes=2),
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(args, rec: dict | None, device) -> GPT:
+    cfg = ModelConfig(depth=args.depth, width=args.width, head_dim=args.head_dim, seq_len=args.seq_len,
+                      vocab_size=args.vocab, recurrence=RecurrenceConfig(**rec) if rec else None)
+    torch.manual_seed(0)
+    return GPT(cfg).to(device)
+
+
+class Trainee:
+    """One variant's model, optimisers and (optionally compiled) loss function."""
+
+    def __init__(self, args, rec, device):
+        self.model = build(args, rec, device)
+        self.opts = build_optimizers(self.model, OptimConfig(), args.batch * args.seq_len)
+        self.loss_fn = lambda x, y: training_loss(self.model, x, y)[0]
+        if args.compile:
+            self.loss_fn = torch.compile(self.loss_fn)
+        self.device = device
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def fwd_bwd(self, x, y):
+        with self.autocast:
+            loss = self.loss_fn(x, y)
+        loss.backward()
+
+    def step(self, x, y):
+        self.fwd_bwd(x, y)
+        for o in self.opts:
+            o.step()
+        self.model.zero_grad(set_to_none=True)
+
+
+def timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def saved_activation_bytes(trainee: Trainee, x, y) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), trainee.autocast:
+        loss = training_loss(trainee.model, x, y)[0]
+    loss.backward()
+    trainee.model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def peak_step_bytes(trainee: Trainee, x, y) -> int:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    trainee.step(x, y)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def decode_tokens_per_s(model: GPT, batch: int, prompt_len: int, new_tokens: int, device) -> float:
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        generate(model, prompt, 4, temperature=0)  # warm-up
+        seconds = timed(lambda: generate(model, prompt, new_tokens, temperature=0), device)
+    return batch * new_tokens / seconds
+
+
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+    y = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+    names = ["baseline"] + [v for v in args.variants.split(",") if v != "baseline"]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    trainees = {name: Trainee(args, VARIANTS[name], device) for name in names}
+    for t in trainees.values():  # warm-up (and compilation)
+        for _ in range(args.warmup):
+            t.step(x, y)
+    times = {name: {"step": [], "fwd_bwd": []} for name in trainees}
+    for _ in range(args.rounds):
+        for name, t in trainees.items():
+            times[name]["fwd_bwd"].append(timed(lambda: t.fwd_bwd(x, y), device))
+            t.model.zero_grad(set_to_none=True)
+            times[name]["step"].append(timed(lambda: t.step(x, y), device))
+    med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in times.items()}
+    if device.type == "cuda":
+        memory = {n: peak_step_bytes(t, x, y) for n, t in trainees.items()}
+    else:
+        memory = {n: saved_activation_bytes(t, x, y) for n, t in trainees.items()}
+    base = med["baseline"]
+    lrt_names = [n for n in trainees if n != "baseline"]
+    out = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": {k: getattr(args, k) for k in ("depth", "width", "head_dim", "seq_len", "batch", "vocab", "compile")},
+        "step_ratio": {n: med[n]["step"] / base["step"] for n in lrt_names},
+        "fwd_bwd_ratio": {n: med[n]["fwd_bwd"] / base["fwd_bwd"] for n in lrt_names},
+        "flops_ratio": {n: training_flops_per_token(trainees[n].model.cfg) / training_flops_per_token(trainees["baseline"].model.cfg) for n in lrt_names},
+        "memory_ratio": {n: memory[n] / memory["baseline"] for n in lrt_names},
+        "memory_kind": "peak allocated (CUDA)" if device.type == "cuda" else "saved-for-backward bytes (CPU)",
+        "step_ms": {n: 1000 * med[n]["step"] for n in trainees},
+        "fwd_bwd_ms": {n: 1000 * med[n]["fwd_bwd"] for n in trainees},
+    }
+    tokens = args.batch * args.seq_len
+    fpt = training_flops_per_token(trainees["baseline"].model.cfg)
+    out["baseline_tokens_per_s"] = tokens / base["step"]
+    peak = peak_flops(out["device"]) if device.type == "cuda" else None
+    if peak:
+        out["baseline_mfu"] = fpt * out["baseline_tokens_per_s"] / peak
+    if not args.no_decode and "interleaved_s2" in trainees:
+        base_model, lrt_model = trainees["baseline"].model.eval(), trainees["interleaved_s2"].model.eval()
+        out["decode_tokens_per_s"], out["decode_ratio"] = {}, {}
+        batches = (1, 8, 32) if device.type == "cuda" else (1, 8)
+        for b in batches:
+            rates = {"baseline": [], "lrt": []}
+            for _ in range(args.decode_rounds):  # interleaved rounds, median
+                rates["baseline"].append(decode_tokens_per_s(base_model, b, 16, args.decode_tokens, device))
+                rates["lrt"].append(decode_tokens_per_s(lrt_model, b, 16, args.decode_tokens, device))
+            r = {k: statistics.median(v) for k, v in rates.items()}
+            out["decode_tokens_per_s"][f"b{b}"] = r
+            out["decode_ratio"][f"b{b}"] = r["lrt"] / r["baseline"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lrt", description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--decode-rounds", type=int, default=3)
+    p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--variants", default="interleaved_s2,interleaved_s4,multi_refine_k2",
+                   help="comma-separated LRT variants to compare with the baseline")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    out = run(args)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"device {out['device']}, torch {out['torch']}, config {out['config']}")
+    print(f"{'variant':<18}{'step ratio':>12}{'fwd+bwd ratio':>15}{'FLOPs ratio':>13}{'memory ratio':>14}")
+    for n in out["step_ratio"]:
+        print(f"{n:<18}{out['step_ratio'][n]:>12.3f}{out['fwd_bwd_ratio'][n]:>15.3f}{out['flops_ratio'][n]:>13.3f}"
+              f"{out['memory_ratio'][n]:>14.3f}")
+    print(f"baseline step {out['step_ms']['baseline']:.1f} ms, {out['baseline_tokens_per_s']:,.0f} tok/s"
+          + (f", MFU {100 * out['baseline_mfu']:.1f}%" if "baseline_mfu" in out else ""))
+    print(f"memory = {out['memory_kind']}")
+    for b, r in out.get("decode_ratio", {}).items():
+        tps = out["decode_tokens_per_s"][b]
+        print(f"decode {b}: baseline {tps['baseline']:,.0f} tok/s, LRT {tps['lrt']:,.0f} tok/s, ratio {r:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""CUDA-only checks (skipped without a GPU): the FlexAttention subset passes,
+bf16 training, compiled training and cached decoding on the device.
+`benchmarks/gpu_check.sh` runs these on a lent GPU."""
+
+import pytest
+import torch
+
+import lrt_model.model as model_mod
+from lrt_model.config import ModelConfig, RecurrenceConfig
+from lrt_model.model import GPT, attention, subset_block_mask
+from lrt_model.recurrence import interleaved, sequential_logits, training_loss
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def lrt(T=64, **rec):
+    rec.setdefault("strategy", "interleaved")
+    cfg = ModelConfig(depth=3, vocab_size=101, seq_len=T, head_dim=32, width=128, n_kv_head=2,
+                      value_embeds="alternating", recurrence=RecurrenceConfig(**rec))
+    torch.manual_seed(0)
+    m = GPT(cfg).cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_flex_subset_mask_equals_the_dense_mask_on_cpu():
+    """The block mask encodes the same position-aware causal mask (forward only:
+    FlexAttention has no CPU backward)."""
+    torch.manual_seed(0)
+    T, S = 256, 2
+    for r in range(S):
+        q_pos = torch.arange(r, T, S)
+        q, k, v = torch.randn(2, 4, q_pos.numel(), 32), torch.randn(2, 2, T, 32), torch.randn(2, 2, T, 32)
+        with torch.no_grad():
+            flex = attention(q, k, v, subset_block_mask(q_pos, T), True)
+        dense = attention(q, k, v, torch.arange(T)[None, :] <= q_pos[:, None], True)
+        assert (flex - dense).abs().max() < 1e-5
+
+
+@cuda
+def test_flex_and_dense_subset_passes_agree_with_gradients(monkeypatch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = lrt(T=256)
+    idx = torch.randint(0, 101, (2, 256), device="cuda")
+    results = []
+    for flex in (True, False):
+        monkeypatch.setattr(model_mod, "USE_FLEX", flex)
+        m.zero_grad()
+        loss, passes = training_loss(m, idx, idx)
+        loss.backward()
+        results.append((passes.merged().detach(), m.mem_k.weight.grad.clone(), m.blocks[0].attn.c_q.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert (a - b).abs().max() / b.abs().max() < 1e-4
+
+
+@cuda
+def test_exactness_anchor_on_cuda_with_flex():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    T = 48
+    m = lrt(T=T)
+    idx = torch.randint(0, 101, (2, T), device="cuda")
+    with torch.no_grad():
+        exact = sequential_logits(m, idx)
+        merged = interleaved(m, idx, S=T).merged()
+    assert (merged - exact).abs().max() < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("strategy", [None, "interleaved", "multi_refine"])
+def test_bf16_compiled_training_matches_eager(strategy):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = ModelConfig(depth=2, vocab_size=101, seq_len=128, head_dim=32, width=128,
+                      recurrence=RecurrenceConfig(strategy=strategy) if strategy else None)
+    torch.manual_seed(0)
+    m = GPT(cfg).cuda()
+    idx = torch.randint(0, 101, (4, 128), device="cuda")
+    fn = lambda x: training_loss(m, x, x)[0]  # noqa: E731
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = fn(idx)
+        compiled = torch.compile(fn)(idx)
+    assert torch.isfinite(eager) and abs(eager.item() - compiled.item()) < 2e-2
+
+
+@cuda
+def test_cached_decoding_equals_full_forward_on_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = ModelConfig(depth=2, vocab_size=101, seq_len=64, head_dim=32, width=128, n_kv_head=2)
+    torch.manual_seed(0)
+    m = GPT(cfg).cuda().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        idx = torch.randint(0, 101, (2, 64), device="cuda")
+        assert (sequential_logits(m, idx) - m(idx)).abs().max() < 1e-4
