@@ -42,10 +42,9 @@ def prefill(model: GPT, prompt: torch.Tensor, cache: KVCache, mode: str = "exact
         memory = shift_memory(out.source)
     store = SelfKV(model.cfg.depth, capture=True)
     out = model.run(prompt, None, memory, store)
+    positions = torch.arange(n, device=device)
     for layer in range(model.cfg.depth):
-        cache.k[layer][:, :, :n] = store.k[layer]
-        cache.v[layer][:, :, :n] = store.v[layer]
-    cache.length = n
+        cache.write(layer, store.k[layer], store.v[layer], positions)
     return model.logits(out.hidden[:, -1]), out.source[:, -1:]
 
 
@@ -56,7 +55,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
     temperature 0 means greedy."""
     B, n = prompt.shape
     device = prompt.device
-    cache = KVCache(model.cfg, B, n + max_new_tokens, device, model.wte.weight.dtype)
+    cache = KVCache(model.cfg, B, n + max_new_tokens)
     logits, memory = prefill(model, prompt, cache, prefill_mode)
     gen = torch.Generator(device=device)
     if seed is not None:

@@ -113,6 +113,7 @@ class BufferKV:
     def __init__(self, k: list, v: list):
         self.k, self.v = list(k), list(v)
         self.mask = None
+        self.max_positions = self.k[0].shape[2]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
         self.k[layer] = self.k[layer].index_copy(2, q_pos, k)
@@ -128,21 +129,19 @@ class BufferKV:
 
 class KVCache:
     """Decoding cache. Queries are consecutive positions [start, start+n).
+    `write` with n > 1 fills a whole chunk (a prompt) at once.
 
     Without autograd the cache is preallocated and written in place; with
     autograd (sequential training on tiny models) it grows by concatenation.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
         self.depth, self.max_len = cfg.depth, max_len
-        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.max_positions = max_len
+        self.shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.inplace = not torch.is_grad_enabled()
-        if self.inplace:
-            self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
-            self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
-        else:
-            self.k = [None] * cfg.depth
-            self.v = [None] * cfg.depth
+        self.k: list = [None] * cfg.depth
+        self.v: list = [None] * cfg.depth
         self.length = 0  # positions written so far (all layers)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
@@ -151,6 +150,9 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; generation needs {end}")
         if self.inplace:
+            if self.k[layer] is None:  # allocated on first use, in the dtype the model computes in
+                self.k[layer] = k.new_empty(self.shape)
+                self.v[layer] = v.new_empty(self.shape)
             self.k[layer][:, :, start:end] = k
             self.v[layer][:, :, start:end] = v
             keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -221,9 +223,10 @@ class Attention(nn.Module):
             kv.raw_k[layer], kv.raw_v[layer] = k, v
         if mem_kv is not None:
             k, v = k + mem_kv[0], v + mem_kv[1]
-        q = apply_rotary(rms_norm(q), cos, sin).transpose(1, 2)
-        k = apply_rotary(rms_norm(k), cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        dt = q.dtype  # the matmul dtype (bf16 under autocast): fp32 gates/embeddings must not promote K/V
+        q = apply_rotary(rms_norm(q), cos, sin).to(dt).transpose(1, 2)
+        k = apply_rotary(rms_norm(k), cos, sin).to(dt).transpose(1, 2)
+        v = v.to(dt).transpose(1, 2)
         keys, values, mask = kv.write(layer, k, v, q_pos)
         y = attention(q, keys, values, mask, self.n_head != self.n_kv)
         return self.c_proj(y.transpose(1, 2).reshape(B, n, -1))
@@ -278,9 +281,9 @@ class GPT(nn.Module):
             self.mem_v = nn.Linear(d, kv_dim, bias=False)
         if rec is not None and rec.uses_residual:
             self.gamma = nn.Parameter(torch.full((cfg.depth,), float(rec.gamma_init)))
-        self._rotary_len = 0
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._rotary_tables(2 * cfg.seq_len)  # made once here, so compiled code never builds them
         self.init_weights()
 
     # -- set-up ---------------------------------------------------------------
@@ -315,17 +318,22 @@ class GPT(nn.Module):
         if self.gamma is not None:
             self.gamma.fill_(float(self.rec.gamma_init))
 
-    def _rotary(self, positions: torch.Tensor):
-        need = int(positions.max()) + 1 if positions.numel() else 1
-        if need > self._rotary_len or self.rope_cos.device != positions.device:
-            length = max(need, 2 * self.cfg.seq_len)
+    def _rotary_tables(self, length: int):
+        """cos/sin tables covering positions < length (extended on demand, e.g. long generations)."""
+        if length > self.rope_cos.shape[0]:
             hd = self.cfg.head_dim
             inv_freq = 1.0 / (self.cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-            freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq).to(positions.device)
-            self.rope_cos, self.rope_sin = freqs.cos(), freqs.sin()
-            self._rotary_len = length
+            freqs = torch.outer(torch.arange(max(length, 2 * self.cfg.seq_len), dtype=torch.float32), inv_freq)
+            self.rope_cos, self.rope_sin = freqs.cos().to(self.wte.weight.device), freqs.sin().to(self.wte.weight.device)
         dtype = self.wte.weight.dtype
-        return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+        return self.rope_cos.to(dtype), self.rope_sin.to(dtype)
+
+    def _rotary(self, n: int, q_pos: torch.Tensor | None, kv):
+        if q_pos is None:
+            cos, sin = self._rotary_tables(n)
+            return cos[:n], sin[:n]
+        cos, sin = self._rotary_tables(kv.max_positions)
+        return cos[q_pos], sin[q_pos]
 
     # -- the one primitive ----------------------------------------------------
 
@@ -334,8 +342,7 @@ class GPT(nn.Module):
         0..n-1), with memory (B, n, d) at those positions (None: zero memory),
         writing K/V into and attending over the store `kv`."""
         B, n = idx.shape
-        positions = q_pos if q_pos is not None else torch.arange(n, device=idx.device)
-        cos, sin = self._rotary(positions)
+        cos, sin = self._rotary(n, q_pos, kv)
         x = x0 = rms_norm(self.wte(idx))
         shared_kv = None
         if memory is not None and self.mem_k is not None:  # once per pass, reused by all layers
@@ -351,7 +358,7 @@ class GPT(nn.Module):
                 if self.rec.uses_kv:
                     mem_kv = block.attn.memory_kv(memory, shared_kv)
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, mem_kv, kv, positions)
+            x = block(x, ve, cos, sin, mem_kv, kv, q_pos)
             if i == self.source_index and i != self.cfg.depth - 1:
                 source = rms_norm(x)
         x = rms_norm(x)

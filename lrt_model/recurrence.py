@@ -109,7 +109,7 @@ def _refresh_kv(model: GPT, store: SelfKV, keys, values, memory, unvisited):
     memory: the pass-0 projections plus the memory's K/V, re-normed and rotated."""
     B, T, _ = memory.shape
     cfg = model.cfg
-    cos, sin = model._rotary(torch.arange(T, device=memory.device))
+    cos, sin = model._rotary(T, None, None)
     shared_kv = None
     if model.mem_k is not None:
         shape = (B, T, cfg.kv_heads, cfg.head_dim)
@@ -118,8 +118,9 @@ def _refresh_kv(model: GPT, store: SelfKV, keys, values, memory, unvisited):
     new_k, new_v = [], []
     for layer, block in enumerate(model.blocks):
         mk, mv = block.attn.memory_kv(memory, shared_kv)
-        k = apply_rotary(rms_norm(store.raw_k[layer] + mk), cos, sin).transpose(1, 2)
-        v = (store.raw_v[layer] + mv).transpose(1, 2)
+        dt = keys[layer].dtype
+        k = apply_rotary(rms_norm(store.raw_k[layer] + mk), cos, sin).to(dt).transpose(1, 2)
+        v = (store.raw_v[layer] + mv).to(dt).transpose(1, 2)
         new_k.append(torch.where(sel, k, keys[layer]))
         new_v.append(torch.where(sel, v, values[layer]))
     return new_k, new_v
@@ -140,7 +141,7 @@ def sequential_logits(model: GPT, idx: torch.Tensor, chunk_cache: KVCache | None
     """Exact recurrence: one token at a time through a KV cache, carrying the
     source state from each token to the next. Returns (B, T, V)."""
     B, T = idx.shape
-    cache = chunk_cache or KVCache(model.cfg, B, T, idx.device, model.wte.weight.dtype)
+    cache = chunk_cache or KVCache(model.cfg, B, T)
     memory, outs = None, []
     for t in range(T):
         pos = torch.tensor([t], device=idx.device)

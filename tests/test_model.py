@@ -54,7 +54,7 @@ def test_cached_decoding_equals_full_forward(kv_heads, ve):
     with torch.no_grad():
         full = model(idx)
         stepwise = sequential_logits(model, idx)  # one token at a time through the cache
-        cache = KVCache(cfg, 3, 24, idx.device, torch.float32)
+        cache = KVCache(cfg, 3, 24)
         chunk_logits, _ = prefill(model, idx[:, :10], cache)  # a chunk, then single steps
         rest = []
         for t in range(10, 24):

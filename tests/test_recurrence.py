@@ -188,9 +188,9 @@ def test_parallel_prefill_is_exact_with_enough_refinements():
     model = lrt(dtype=torch.float64)
     prompt = tokens(batch=2)[:, :6]
     with torch.no_grad():
-        c1 = KVCache(model.cfg, 2, 6, prompt.device, torch.float64)
-        c2 = KVCache(model.cfg, 2, 6, prompt.device, torch.float64)
-        c3 = KVCache(model.cfg, 2, 6, prompt.device, torch.float64)
+        c1 = KVCache(model.cfg, 2, 6)
+        c2 = KVCache(model.cfg, 2, 6)
+        c3 = KVCache(model.cfg, 2, 6)
         exact, _ = prefill(model, prompt, c1, "exact")
         refined, _ = prefill(model, prompt, c2, "parallel", passes=5)  # K = n-1: exact
         rough, _ = prefill(model, prompt, c3, "parallel", passes=1)
