@@ -1,0 +1,157 @@
+"""PNG plots of a compare report (matplotlib, Agg backend).
+
+Design choices:
+- Input is the report dict from `compare.build_report`, so plots show exactly
+  the numbers the table shows (same views, same pairs, same fits).
+- Object-oriented matplotlib (`Figure` + Agg canvas), never `pyplot`: no global
+  figure state, no GUI backend, safe in Ray workers and threads.
+- Every plot is always written, with a "no data" note when there is nothing to
+  draw, so users and tests find the same files after every sweep:
+  scaling.png (bpb vs training FLOPs per arm, log x, fitted power laws, each
+  LRT mean labelled with its effective compute multiplier),
+  delta_vs_tokens_per_param.png (paired delta with its 95% CI per LRT arm);
+  search sweeps add search_history.png (val bpb in trial order with the
+  best-so-far line) and search_importance.png (parameter importances; the
+  title names the method: Optuna fANOVA or the correlation fallback).
+
+Example:
+    from lrt_platform.compare import compare
+    from lrt_platform.plots import make_plots
+    paths = make_plots(compare(None, "quickstart"), "plots/")
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless machines and Ray workers have no display
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .compare import power_law  # noqa: E402
+
+
+def _figure(w: float = 7.0, h: float = 4.5):
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _no_data(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def make_plots(report: dict, out_dir: str) -> list[str]:
+    """Write the report's PNGs into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [plot_scaling(report, out_dir), plot_delta(report, out_dir)]
+    if report.get("search"):
+        paths += [plot_search_history(report, out_dir), plot_importance(report, out_dir)]
+    return paths
+
+
+def plot_scaling(report: dict, out_dir: str) -> str:
+    fig, ax = _figure()
+    colors = matplotlib.colormaps["tab10"]
+    drawn = False
+    for i, (arm, s) in enumerate(sorted(report["scaling"].items())):
+        color = colors(i % 10)
+        seeds = [t for t in report["trials"] if t["arm"] == arm and t["problem"] is None and t["flops"]]
+        ax.scatter([t["flops"] for t in seeds], [t["val_bpb"] for t in seeds], color=color, alpha=0.35, s=14)
+        pts = s["points"]
+        if not pts:
+            continue
+        drawn = True
+        view = next((t["view"] for t in seeds), "")
+        ax.plot([p["flops"] for p in pts], [p["val_bpb"] for p in pts], "o", color=color, label=f"{arm} ({view})")
+        fit = s["fit"]
+        if fit is not None and fit["ok"]:
+            c = np.geomspace(min(p["flops"] for p in pts), max(p["flops"] for p in pts), 100)
+            ax.plot(c, power_law(fit, c), "--", color=color,
+                    label=f"{arm} fit: {fit['E']:.3f} + A·C^-{fit['alpha']:.3f}")
+        else:
+            ax.plot([p["flops"] for p in pts], [p["val_bpb"] for p in pts], "-", color=color, alpha=0.5)
+    for c in report["comparisons"]:  # the effective compute multiplier next to each LRT mean
+        m = c.get("compute_multiplier") or {}
+        if m.get("value") is not None:
+            ax.annotate(f"{m['value']:.2g}x" + ("*" if m.get("extrapolated") else ""),
+                        (c["lrt"]["flops"], c["lrt"]["val_bpb"]["mean"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
+    if drawn:
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (LRT labels: baseline compute multiplier, * extrapolated)")
+        ax.set_ylabel("validation bpb")
+        ax.legend(fontsize=7)
+    else:
+        _no_data(ax, "no finished trials with FLOPs")
+    ax.set_title(f"{report['experiment']}: bpb vs compute (dots: seeds, markers: means)", fontsize=9)
+    return _save(fig, out_dir, "scaling.png")
+
+
+def plot_delta(report: dict, out_dir: str) -> str:
+    fig, ax = _figure()
+    colors = matplotlib.colormaps["tab10"]
+    arms = sorted({c["arm"] for c in report["comparisons"] if c["n_pairs"]})
+    for i, arm in enumerate(arms):
+        cs = [c for c in report["comparisons"] if c["arm"] == arm and c["n_pairs"] and c["lrt"]["tokens_per_param"]]
+        x = np.array([c["lrt"]["tokens_per_param"] for c in cs])
+        y = np.array([c["delta"]["mean"] for c in cs])
+        err = np.array([[y[j] - c["delta"]["ci95"][0], c["delta"]["ci95"][1] - y[j]] if c["delta"]["ci95"] else [0, 0]
+                        for j, c in enumerate(cs)]).T.reshape(2, -1)
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=colors(i % 10), label=arm)
+    if arms:
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("LRT tokens per parameter")
+        ax.set_ylabel("Δ bpb (LRT sequential - baseline full)")
+        ax.legend(fontsize=7)
+    else:
+        _no_data(ax, "no matched baseline/LRT pairs")
+    ax.set_title("paired delta vs tokens per parameter (bars: 95% CI; none for n=1)", fontsize=9)
+    return _save(fig, out_dir, "delta_vs_tokens_per_param.png")
+
+
+def plot_search_history(report: dict, out_dir: str) -> str:
+    fig, ax = _figure()
+    hist = report["search"]["history"]
+    ok = [h for h in hist if h["val_bpb"] is not None]
+    if ok:
+        ax.plot([h["order"] for h in ok], [h["val_bpb"] for h in ok], "o", alpha=0.7, label="trial")
+        best = [h for h in hist if h["best_so_far"] is not None]
+        ax.step([h["order"] for h in best], [h["best_so_far"] for h in best], where="post", color="C3",
+                label="best so far")
+        failed = [h["order"] for h in hist if h["val_bpb"] is None]
+        if failed:
+            ax.plot(failed, [max(h["val_bpb"] for h in ok)] * len(failed), "x", color="grey", label="failed/incomplete")
+        ax.set_xlabel("trial (in order)")
+        ax.set_ylabel("validation bpb")
+        ax.legend(fontsize=7)
+    else:
+        _no_data(ax, "no finished search trials")
+    ax.set_title("optimisation history", fontsize=9)
+    return _save(fig, out_dir, "search_history.png")
+
+
+def plot_importance(report: dict, out_dir: str) -> str:
+    s = report["search"]
+    items = sorted(s["importance"].items(), key=lambda kv: kv[1])
+    fig, ax = _figure(7.0, max(2.5, 0.35 * len(items) + 1.5))
+    if items:
+        ax.barh([k for k, _ in items], [v for _, v in items], color="C0")
+        ax.set_xlabel("importance (sums to 1)")
+    else:
+        _no_data(ax, s["importance_method"])
+    ax.set_title(f"parameter importance: {s['importance_method'].split(';')[0]}", fontsize=8)
+    return _save(fig, out_dir, "search_importance.png")

@@ -1,0 +1,295 @@
+"""compare: exact arithmetic on a hand-built sweep, unmatched partners, errors, formats, plots.
+
+The sweeps are written through `Tracker` into the session's real `mlflow server`
+with synthetic trainer events whose numbers are known, so every figure in the
+report can be checked against a hand computation (the statistics module and
+closed forms, not numpy).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import struct
+import subprocess
+import sys
+import uuid
+
+import pytest
+from mlflow import MlflowClient
+
+from lrt_platform import compare as cmp
+from lrt_platform.plots import make_plots
+from lrt_platform.tracking import Tracker
+
+BASE = {"E": 0.8, "A": 1.0e4, "alpha": 0.3}
+LRT = {"E": 0.78, "A": 9.0e3, "alpha": 0.31}
+FLOPS = {"b0": 1e15, "b1": 1e16, "b2": 1e17}
+OFFSETS = {"baseline": (0.004, -0.004), "lrt": (0.001, -0.001)}  # per seed; mean offset 0
+PARAMS = {"baseline": 1_000_000, "lrt": 1_003_000}
+GAPS = (0.010, 0.020)
+ICL = {"baseline": (0.30, 0.32), "lrt": (0.33, 0.36)}
+T975_DF1 = math.tan(math.pi * (0.975 - 0.5))  # Student t with 1 dof is Cauchy: closed-form quantile
+
+
+def law(p: dict, c: float) -> float:
+    return p["E"] + p["A"] * c ** -p["alpha"]
+
+
+def bpb(arm: str, budget: str, seed: int) -> float:
+    return law(BASE if arm == "baseline" else LRT, FLOPS[budget]) + OFFSETS[arm][seed]
+
+
+def tokens(arm: str, budget: str) -> int:
+    return int(FLOPS[budget] / (6e6 if arm == "baseline" else 1.2e7))  # LRT: ~2x the cost per token
+
+
+def _exp(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def log_trial(tr: Tracker, parent: str, arm: str, budget: str, seed: int, *, pair: str | None = None,
+              status: str = "FINISHED", value: float | None = None, extra: dict | None = None) -> str:
+    """One trial through the real tracking path: start, two evals, done, end."""
+    lrt = arm != "baseline"
+    trial = {"trial_id": f"{budget}-{arm}-{seed}", "arm": arm, "budget_id": budget,
+             "pair_id": pair or f"{budget}-s{seed}", "seed": seed, "matching": "compute",
+             "strategy": "interleaved" if lrt else "baseline", "config": {"model": {"depth": 2}},
+             "tokens": tokens(arm, budget), "flops": FLOPS[budget], **(extra or {})}
+    run = tr.start_trial(parent, trial)
+    v = bpb(arm, budget, seed) if value is None else value
+    n = tokens(arm, budget)
+    final = {"tokens": n, "flops": FLOPS[budget], "val_bpb": v, "val_bpb_full": v + (0.05 if lrt else 0.0)}
+    if lrt:
+        final.update(val_bpb_sequential=v, val_bpb_merged=v + GAPS[seed], interleave_gap=GAPS[seed])
+    tr.log_event(run, {"event": "eval", "step": 1, **final, "tokens": n // 2, "val_bpb": v + 0.5,
+                       "val_bpb_sequential": v + 0.5, "val_bpb_full": v + 0.5})
+    if status == "FINISHED":
+        tr.log_event(run, {"event": "eval", "step": 2, **final})
+        tr.log_event(run, {"event": "done", **final, "params": PARAMS[arm], "finished": True,
+                           "icl_score": ICL[arm][seed]})
+    tr.end_trial(run, status, reason="OOM at step 1" if status == "FAILED" else None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def scaling_sweep(mlflow_server):
+    """3 budgets x 2 seeds x (baseline, lrt), numbers from the power laws above."""
+    tr = Tracker(mlflow_server, _exp("scaling"))
+    parent = tr.start_sweep("scaling.yaml", "experiment: scaling\n", "hash-scaling", [])
+    for budget in FLOPS:
+        for seed in (0, 1):
+            for arm in ("baseline", "lrt"):
+                log_trial(tr, parent, arm, budget, seed)
+    tr.end_sweep(parent)
+    return tr, parent
+
+
+# ---------------------------------------------------------------------------
+# (a) exact arithmetic
+
+
+def test_report_arithmetic_is_exact(scaling_sweep, mlflow_server):
+    tr, parent = scaling_sweep
+    report = cmp.compare(mlflow_server, tr.experiment)  # latest sweep: this one
+    assert report["sweep_run_id"] == parent
+    assert report["counts"]["trials"] == 12 and report["counts"]["usable"] == 12
+    assert report["unmatched"] == [] and report["excluded"] == []
+    assert report["budgets"] == ["b0", "b1", "b2"]
+    assert len(report["comparisons"]) == 3  # one per (budget, LRT arm)
+
+    for c in report["comparisons"]:
+        b = c["budget_id"]
+        base = [bpb("baseline", b, s) for s in (0, 1)]
+        lrt = [bpb("lrt", b, s) for s in (0, 1)]
+        assert (c["view_lrt"], c["view_baseline"]) == ("sequential", "full")
+        assert c["n_pairs"] == 2 and c["n_lrt"] == 2 and c["n_baseline"] == 2
+        assert c["baseline"]["val_bpb"]["mean"] == pytest.approx(statistics.mean(base), rel=1e-12)
+        assert c["baseline"]["val_bpb"]["std"] == pytest.approx(statistics.stdev(base), rel=1e-9)
+        assert c["lrt"]["val_bpb"]["mean"] == pytest.approx(statistics.mean(lrt), rel=1e-12)
+        assert c["lrt"]["val_bpb"]["std"] == pytest.approx(statistics.stdev(lrt), rel=1e-9)
+
+        d = [l - s for l, s in zip(lrt, base)]
+        half = T975_DF1 * statistics.stdev(d) / math.sqrt(2)
+        assert c["delta"]["mean"] == pytest.approx(statistics.mean(d), rel=1e-12)
+        assert c["delta"]["ci95"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half], rel=1e-9)
+        r = [x / s for x, s in zip(d, base)]
+        half_r = T975_DF1 * statistics.stdev(r) / math.sqrt(2)
+        assert c["relative"]["mean"] == pytest.approx(statistics.mean(r), rel=1e-12)
+        ci_r = [statistics.mean(r) - half_r, statistics.mean(r) + half_r]
+        assert c["relative"]["ci95"] == pytest.approx(ci_r, rel=1e-9)
+
+        assert c["lrt"]["flops"] == FLOPS[b] and c["lrt"]["tokens"] == tokens("lrt", b)
+        assert c["lrt"]["params"] == PARAMS["lrt"]
+        assert c["lrt"]["tokens_per_param"] == pytest.approx(tokens("lrt", b) / PARAMS["lrt"], rel=1e-12)
+        assert c["baseline"]["tokens_per_param"] == pytest.approx(tokens("baseline", b) / PARAMS["baseline"], rel=1e-12)
+        assert c["interleave_gap"]["mean"] == pytest.approx(statistics.mean(GAPS), rel=1e-12)
+        assert c["icl"]["icl_score"]["baseline"] == pytest.approx(statistics.mean(ICL["baseline"]), rel=1e-12)
+        assert c["icl"]["icl_score"]["lrt"] == pytest.approx(statistics.mean(ICL["lrt"]), rel=1e-12)
+
+        # Effective compute multiplier: invert the true baseline law at the LRT mean loss.
+        need = (BASE["A"] / (statistics.mean(lrt) - BASE["E"])) ** (1 / BASE["alpha"])
+        m = c["compute_multiplier"]
+        assert m["method"] == "power_law"
+        assert m["value"] == pytest.approx(need / FLOPS[b], rel=1e-6)
+        assert m["extrapolated"] == (not min(FLOPS.values()) <= need <= max(FLOPS.values()))
+    flags = [c["compute_multiplier"]["extrapolated"] for c in report["comparisons"]]
+    assert flags == [False, True, True]  # both cases are exercised
+
+    for arm, truth in (("baseline", BASE), ("lrt", LRT)):
+        fit = report["scaling"][arm]["fit"]
+        assert fit["ok"] and fit["n_points"] == 3
+        assert fit["E"] == pytest.approx(truth["E"], rel=1e-6)
+        assert fit["A"] == pytest.approx(truth["A"], rel=1e-6)
+        assert fit["alpha"] == pytest.approx(truth["alpha"], rel=1e-6)
+
+
+def test_power_law_fit_and_log_linear_fallback():
+    truth = {"E": 1.7, "A": 350.0, "alpha": 0.25}
+    c = [1e12, 1e13, 1e14, 1e15, 1e16]
+    fit = cmp.fit_power_law(c, [law(truth, x) for x in c])
+    for k in truth:
+        assert fit[k] == pytest.approx(truth[k], rel=1e-9)
+    assert fit["rmse"] < 1e-12
+    assert cmp.fit_power_law(c[:2], [2.0, 1.9]) is None  # < 3 budgets
+    # No fit: L linear in log10 C between (1e15, 1.0) and (1e16, 0.9).
+    pts = [(1e15, 1.0), (1e16, 0.9)]
+    m = cmp.compute_multiplier(0.95, 1e15, pts, None)
+    assert m["method"] == "log_linear" and not m["extrapolated"]
+    assert m["baseline_flops_needed"] == pytest.approx(10**15.5, rel=1e-12)
+    m = cmp.compute_multiplier(0.85, 1e16, pts, None)
+    assert m["extrapolated"] and m["value"] == pytest.approx(10**16.5 / 1e16, rel=1e-12)
+    assert cmp.compute_multiplier(0.85, 1e16, pts[:1], None)["value"] is None
+
+
+# ---------------------------------------------------------------------------
+# (e) unmatched partners, failures, errors
+
+
+@pytest.fixture(scope="module")
+def unmatched_sweep(mlflow_server):
+    tr = Tracker(mlflow_server, _exp("unmatched"))
+    parent = tr.start_sweep("u.yaml", "x\n", "hash-unmatched", [])
+    log_trial(tr, parent, "baseline", "b0", 0, pair="p0")
+    log_trial(tr, parent, "lrt", "b0", 0, pair="p0")
+    log_trial(tr, parent, "baseline", "b0", 1, pair="p1")
+    log_trial(tr, parent, "lrt", "b0", 1, pair="p1", status="FAILED")
+    log_trial(tr, parent, "lrt", "b0", 0, pair="p2", extra={"trial_id": "lonely"})
+    tr.end_sweep(parent)
+    return tr, parent
+
+
+def test_unmatched_partners_are_listed(unmatched_sweep, mlflow_server):
+    tr, parent = unmatched_sweep
+    report = cmp.compare(mlflow_server, tr.experiment, parent)
+    [c] = report["comparisons"]
+    assert c["n_pairs"] == 1 and c["n_lrt"] == 2 and c["n_baseline"] == 2
+    assert c["delta"]["ci95"] is None and c["delta"]["std"] is None and "n=1" in c["delta"]["ci_note"]
+    assert c["delta"]["mean"] == pytest.approx(bpb("lrt", "b0", 0) - bpb("baseline", "b0", 0), rel=1e-12)
+    reasons = {u["pair_id"]: u["reason"] for u in report["unmatched"]}
+    assert set(reasons) == {"p1", "p2"}
+    assert "FAILED: OOM at step 1" in reasons["p1"] and "baseline run missing" in reasons["p2"]
+    assert [e["status"] for e in report["excluded"]] == ["FAILED"]
+    table = cmp.format_report(report)
+    assert "CI undefined, n=1" in table
+    assert "unmatched: budget b0 arm lrt pair p1" in table and "pair p2" in table
+    assert "no power-law fit" in table
+
+
+def test_missing_experiment_is_one_line_and_nonzero(mlflow_server):
+    r = subprocess.run([sys.executable, "-m", "lrt_platform.compare", "--experiment", "no-such-experiment",
+                        "--tracking-uri", mlflow_server], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-experiment" in lines[0] and lines[0].startswith("error:")
+
+
+def test_missing_sqlite_database_is_not_created(tmp_path, capsys):
+    db = tmp_path / "absent.db"
+    assert cmp.main(["--experiment", "x", "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert "no MLflow database" in capsys.readouterr().err and not db.exists()
+
+
+# ---------------------------------------------------------------------------
+# Formats and (f) plots
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 2000
+    return struct.unpack(">II", data[16:24])
+
+
+def test_formats_and_plots_via_cli(scaling_sweep, mlflow_server, tmp_path, capsys):
+    tr, parent = scaling_sweep
+    args = ["--experiment", tr.experiment, "--tracking-uri", mlflow_server]
+    assert cmp.main(args + ["--format", "json", "--plots", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["scaling.png", "delta_vs_tokens_per_param.png"]
+    for p in report["plots"]:
+        w, h = _png_size(p)
+        assert w > 100 and h > 100
+    logged = MlflowClient(mlflow_server).list_artifacts(parent, "plots")
+    assert sorted(a.path for a in logged) == ["plots/delta_vs_tokens_per_param.png", "plots/scaling.png"]
+
+    assert cmp.main(args + ["--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["budget_id"], r["arm"]) for r in rows] == [(b, a) for b in FLOPS for a in ("baseline", "lrt")]
+    lrt_b0 = rows[1]
+    assert float(lrt_b0["delta_mean"]) == pytest.approx(report["comparisons"][0]["delta"]["mean"], rel=1e-12)
+    assert lrt_b0["view"] == "sequential" and rows[0]["view"] == "full" and lrt_b0["icl_score_mean"]
+
+    assert cmp.main(args + ["--format", "markdown"]) == 0
+    md = capsys.readouterr().out
+    assert sum(line.startswith(("| b0 |", "| b1 |", "| b2 |")) for line in md.splitlines()) == 6
+    assert "scaling baseline: L(C) = 0.8000 + " in md
+    assert cmp.main(args) == 0
+    table = capsys.readouterr().out
+    assert "sequential" in table and "compute x" in table and "MLflow runs table: http" in table
+
+
+def test_search_sweep_history_importance_and_plots(mlflow_server, tmp_path):
+    tr = Tracker(mlflow_server, _exp("search"))
+    parent = tr.start_sweep("search.yaml", "experiment: s\nsearch:\n  num_trials: 9\n", "hash-search", [])
+    injections = ["kv", "residual", "both"]
+    for i in range(9):
+        passes, inj = 1 + i % 3, injections[(i // 3) % 3]
+        value = 1.5 - 0.1 * passes + (0.01 if inj == "kv" else 0.0)  # passes matters most
+        log_trial(tr, parent, "lrt", "b0", i % 2, pair=f"trial{i}", value=value,
+                  extra={"trial_id": f"t{i}", "trial_number": i, "search": {"passes": passes, "injection": inj}})
+    tr.end_sweep(parent)
+    report = cmp.compare(mlflow_server, tr.experiment)
+    assert report["sweep_kind"] == "search"  # from the spec's search block
+    s = report["search"]
+    assert [h["order"] for h in s["history"]] == list(range(9))
+    best = [h["best_so_far"] for h in s["history"]]
+    assert best == sorted(best, reverse=True) and best[-1] == pytest.approx(1.2)
+    assert set(s["importance"]) == {"passes", "injection"}
+    assert max(s["importance"], key=s["importance"].get) == "passes"
+    assert s["importance_method"]
+    assert s["best"]["val_bpb"] == pytest.approx(1.2) and s["best"]["params"]["passes"] == "3"
+    assert report["unmatched"] == [] and "nothing to pair" in report["notes"][0]
+    paths = make_plots(report, str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in paths][2:] == ["search_history.png", "search_importance.png"]
+    for p in paths:
+        _png_size(p)
+
+
+def test_correlation_importance_fallback():
+    cols = {"lr": [0.1, 0.2, 0.3, 0.4], "inj": ["kv", "kv", "both", "both"]}
+    imp = cmp._correlation_importance(cols, [4.0, 3.0, 2.0, 1.0])
+    assert sum(imp.values()) == pytest.approx(1.0) and set(imp) == {"lr", "inj"}
+
+
+def test_empty_sweep_renders_and_plots(tmp_path):
+    data = {"experiment": "e", "sweep": {"run_id": "r0", "name": "s", "status": "RUNNING", "tags": {}}, "trials": []}
+    report = cmp.build_report(data)
+    assert report["comparisons"] == [] and report["counts"]["trials"] == 0
+    assert "(no usable trials)" in cmp.format_report(report)
+    for fmt in ("markdown", "csv", "json"):
+        assert cmp.format_report(report, fmt)
+    for p in make_plots(report, str(tmp_path)):
+        _png_size(p)
