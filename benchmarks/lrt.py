@@ -183,7 +183,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lrt", description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--width", type=int, default=None, help="default depth*64 rounded up to the head dim")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)

@@ -50,13 +50,20 @@ def _flex_attention(q, k, v, block_mask, gqa: bool):
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
-def subset_block_mask(q_pos: torch.Tensor, kv_len: int):
-    """Block mask for queries at positions q_pos against keys 0..kv_len-1."""
+_BLOCK_MASKS: dict = {}
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return kv_idx <= q_pos[q_idx]
 
-    return create_block_mask(mask_mod, None, None, q_pos.numel(), kv_len, device=q_pos.device)
+def subset_block_mask(offset: int, stride: int, n: int, kv_len: int, device):
+    """Block mask for the queries at positions offset + stride*j (j < n) against
+    keys 0..kv_len-1. Cached: every step of a run reuses the same S masks."""
+    key = (offset, stride, n, kv_len, str(device))
+    if key not in _BLOCK_MASKS:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx * stride + offset
+
+        _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, n, kv_len, device=device)
+    return _BLOCK_MASKS[key]
 
 
 def attention(q, k, v, mask, gqa: bool):
@@ -110,8 +117,9 @@ class BufferKV:
     (out of place, so autograd keeps every version it needs) and the queries
     attend over the whole buffer under a position-aware causal mask."""
 
-    def __init__(self, k: list, v: list):
+    def __init__(self, k: list, v: list, pattern: tuple[int, int] | None = None):
         self.k, self.v = list(k), list(v)
+        self.pattern = pattern  # (offset, stride) when the query positions are offset::stride
         self.mask = None
         self.max_positions = self.k[0].shape[2]
 
@@ -120,8 +128,8 @@ class BufferKV:
         self.v[layer] = self.v[layer].index_copy(2, q_pos, v)
         if self.mask is None:  # one mask per pass, shared by all layers
             T = self.k[layer].shape[2]
-            if k.is_cuda and USE_FLEX and create_block_mask is not None:
-                self.mask = subset_block_mask(q_pos, T)
+            if k.is_cuda and USE_FLEX and create_block_mask is not None and self.pattern is not None:
+                self.mask = subset_block_mask(*self.pattern, k.shape[2], T, k.device)
             else:
                 self.mask = torch.arange(T, device=q_pos.device)[None, :] <= q_pos[:, None]
         return self.k[layer], self.v[layer], self.mask

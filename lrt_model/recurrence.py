@@ -95,7 +95,7 @@ def interleaved(model: GPT, idx: torch.Tensor, S: int, refresh: bool = False) ->
             # positions of residues >= i are still as pass 0 left them
             unvisited = torch.arange(T, device=idx.device) % S >= i
             keys, values = _refresh_kv(model, store, keys, values, memory, unvisited)
-        buf = BufferKV(keys, values)
+        buf = BufferKV(keys, values, pattern=(i - 1, S))
         step = model.run(idx[:, pos], pos, memory[:, pos], buf)
         keys, values = buf.k, buf.v
         source = source.index_copy(1, pos, step.source)

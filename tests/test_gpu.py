@@ -34,7 +34,7 @@ def test_flex_subset_mask_equals_the_dense_mask_on_cpu():
         q_pos = torch.arange(r, T, S)
         q, k, v = torch.randn(2, 4, q_pos.numel(), 32), torch.randn(2, 2, T, 32), torch.randn(2, 2, T, 32)
         with torch.no_grad():
-            flex = attention(q, k, v, subset_block_mask(q_pos, T), True)
+            flex = attention(q, k, v, subset_block_mask(r, S, q_pos.numel(), T, q.device), True)
         dense = attention(q, k, v, torch.arange(T)[None, :] <= q_pos[:, None], True)
         assert (flex - dense).abs().max() < 1e-5
 
