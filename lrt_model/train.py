@@ -41,7 +41,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, RecurrenceConfig
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
 from .evaluate import evaluate_bpb
-from .flops import training_flops_per_token
+from .flops import peak_flops, training_flops_per_token
 from .model import GPT
 from .optim import OptimConfig, build_optimizers, set_schedule
 from .recurrence import training_loss
@@ -208,11 +208,16 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
             step, evals = state["step"], state["evals"]
             train_seconds, last_loss = state["train_seconds"], state["train_loss"]
 
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
     def evaluate() -> dict:
         metrics = evaluate_bpb(model, val_rows, token_bytes, cfg.batch_size * 4, device, autocast)
         point = {"step": step, "tokens": step * total_batch, "flops": step * total_batch * flops_per_token, **metrics}
         evals.append(point)
-        emit({"event": "eval", "train_loss": last_loss, "tokens_per_s": _tok_s(), **point})
+        speed = {"tokens_per_s": _tok_s()}
+        if peak:  # model FLOPs utilisation, from the FLOPs module and the card's bf16 peak
+            speed["mfu"] = flops_per_token * _tok_s() / (peak * world)  # tokens/s counts all ranks
+        emit({"event": "eval", "train_loss": last_loss, **speed, **point})
         return point
 
     def _tok_s() -> float:
