@@ -42,6 +42,7 @@ from .config import ConfigError, ModelConfig, RecurrenceConfig
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
 from .evaluate import evaluate_bpb
 from .flops import peak_flops, training_flops_per_token
+from .icl import evaluate_icl, icl_config
 from .model import GPT
 from .optim import OptimConfig, build_optimizers, set_schedule
 from .recurrence import training_loss
@@ -69,6 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     stop_after_steps: int | None = None  # stop early (as if interrupted) after this many steps
     progress: bool = True
+    icl: dict | None = None  # in-context-learning evaluation at the end (lrt_model.icl); {"evals": []} turns it off
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -165,6 +167,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     autocast = _autocast(device, cfg.dtype)
 
+    icl_config(cfg.icl)  # a bad ICL setting fails now, not after hours of training
     corpus = resolve_corpus(cfg.corpus)
     tokenizer = get_tokenizer(cfg.tokenizer, corpus)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
@@ -275,6 +278,10 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
             save_checkpoint()
     progress.close()
     save_checkpoint()
+    icl = {}
+    if rank == 0 and step >= total_steps:
+        icl = evaluate_icl(model, tokenizer, val_rows, cfg.icl, device, autocast,
+                           log=lambda note: print(note, file=sys.stderr))
 
     final = dict(evals[-1])
     for key in ("step", "tokens", "flops"):
@@ -292,13 +299,14 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         "tokens_per_s": _tok_s(),
         "wall_s": time.time() - t_start,
         **final,
+        **icl,
         "evals": [{k: v for k, v in e.items() if k != "val_bpb_by_position"} for e in evals],
     }
     emit({"event": "done", **metrics})
     return metrics
 
 
-_RUN_INDEPENDENT = ("stop_after_steps", "progress", "checkpoint_every", "checkpoint_dir", "device", "compile")
+_RUN_INDEPENDENT = ("stop_after_steps", "progress", "checkpoint_every", "checkpoint_dir", "device", "compile", "icl")
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
@@ -368,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", default=None)
     t.add_argument("--checkpoint-every", type=int, default=0)
     t.add_argument("--stop-after-steps", type=int, default=None)
+    t.add_argument("--no-icl", action="store_true", help="skip the final in-context-learning evaluation")
+    t.add_argument("--icl-items", type=int, default=None, help="questions per ICL task and k (default 64)")
+    t.add_argument("--core-dir", default=None, help="a local DCLM/nanochat CORE bundle to score (or $LRT_CORE_DIR)")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON line on stdout")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -392,8 +403,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
               "tokens_per_param": args.tokens_per_param}
     if all(v is None for v in budget.values()):
         budget["tokens_per_param"] = 10.0
+    icl = {"evals": []} if args.no_icl else {}
+    if args.icl_items is not None:
+        icl["items"] = args.icl_items
+    if args.core_dir:
+        icl["core_dir"] = args.core_dir
     return TrainConfig(
-        model=model, optim=optim, corpus=args.corpus, tokenizer=args.tokenizer, batch_size=args.batch_size,
+        icl=icl or None, model=model, optim=optim, corpus=args.corpus, tokenizer=args.tokenizer, batch_size=args.batch_size,
         total_batch_tokens=args.total_batch_tokens, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
         seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
@@ -421,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"done: {metrics['steps']} steps, {metrics['tokens']:,} tokens, val_bpb {metrics['val_bpb']:.4f}, "
               f"{metrics['tokens_per_s']:,.0f} tok/s, {metrics['wall_s']:.1f}s")
+        icl = {k: round(v, 4) for k, v in metrics.items() if k.startswith("icl_") and isinstance(v, float)}
+        if icl:
+            print("icl: " + ", ".join(f"{k[4:]}={v}" for k, v in icl.items()))
     return 0
 
 

@@ -17,7 +17,8 @@ from lrt_model.train import TrainConfig, train
 
 def tiny(rec=None, **kw) -> TrainConfig:
     model = ModelConfig(depth=1, head_dim=16, width=32, seq_len=32, recurrence=rec)
-    base = dict(model=model, batch_size=4, tokens=20 * 4 * 32, eval_tokens=8 * 32, eval_every=10, progress=False)
+    base = dict(model=model, batch_size=4, tokens=20 * 4 * 32, eval_tokens=8 * 32, eval_every=10, progress=False,
+                icl={"evals": []})
     base.update(kw)
     return TrainConfig(**base)
 
@@ -37,7 +38,10 @@ def test_baseline_run_reports_metrics_and_learns():
 
 def test_lrt_run_reports_three_views_and_the_gap():
     rec = RecurrenceConfig(strategy="interleaved", passes=2)
-    m = train(tiny(rec, tokens=4 * 4 * 32, eval_every=4))
+    m = train(tiny(rec, tokens=4 * 4 * 32, eval_every=4, icl={"ks": [1], "items": 4, "score_rows": 4}))
+    for key in ("icl_score", "icl_score_full", "icl_score_sequential", "icl_score_merged",
+                "icl_recall_acc_k1", "icl_recall_acc_k1_full", "icl_induction_acc_k1_sequential"):  # copy k=1 does not fit 32 tokens
+        assert key in m, key
     assert m["val_bpb"] == m["val_bpb_sequential"]
     assert m["interleave_gap"] == pytest.approx(m["val_bpb_merged"] - m["val_bpb_sequential"])
     assert 0 < m["param_overhead"] < 0.5
@@ -107,7 +111,8 @@ def _cli(*args):
 
 def test_cli_json_is_the_last_line():
     r = _cli("--depth", "1", "--head-dim", "16", "--width", "32", "--seq-len", "32", "--batch-size", "4",
-             "--tokens", "640", "--eval-tokens", "256", "--strategy", "interleaved", "--passes", "2", "--json", "--quiet")
+             "--tokens", "640", "--eval-tokens", "256", "--strategy", "interleaved", "--passes", "2", "--json", "--quiet",
+             "--no-icl")
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
     assert metrics["steps"] == 5 and "val_bpb_sequential" in metrics
