@@ -1,0 +1,532 @@
+"""Ray Tune / Ray Train glue: one Tune trial per planned trial, the same train() everywhere.
+
+Design choices:
+- One Tune function trainable, `trial_fn`. Two execution paths, one loop
+  (`lrt_model.train.train`), one checkpoint layout, one way of reporting:
+  * workers_per_trial == 1 (fast path): train() runs inside the Tune trial
+    process. A one-worker TorchTrainer costs ~25 s of actor start-up per trial
+    on 2 cores (FACTS.md) for nothing a single process needs.
+  * workers_per_trial > 1: the Tune function launches a Ray Train V2
+    `TorchTrainer` (the documented V2 pattern); its workers call the same
+    train(), which wraps the model in DDP under torch.distributed. Workers
+    report with `ray.train.report` (all ranks: it is a barrier), rank 0's
+    reports reach Tune through `TuneReportCallback`.
+- Checkpoints: train() writes its own atomic checkpoint to a stable per-trial
+  directory `<storage>/<experiment>/<hash>/trials/<trial_id>/ckpt` (local or
+  s3://) and resumes from it by itself. We report the checkpoint to Tune as
+  metadata (`checkpoint_step`, `checkpoint_path`), not as a `tune.Checkpoint`:
+  a Tune checkpoint would copy the file into Tune's trial folder on every
+  report (double I/O, double storage) while giving nothing train() needs,
+  since a retried or restored trial finds its directory from its trial_id.
+- Every report carries the last evaluation's metrics (val_bpb, tokens, flops,
+  ...), so schedulers and searchers always see the metric they compare on;
+  ASHA's time axis is `flops` (or `tokens`), i.e. early stopping at equal
+  compute. Our ids go in `lrt_trial_id` and the end marker in `complete`:
+  Tune reserves `trial_id` and stops a trial that reports `done`.
+- Failures: Tune's `FailureConfig(max_failures)` retries a crashed trial; the
+  retry's train() resumes from the trial's checkpoint. In the TorchTrainer
+  path Ray Train's own FailureConfig restarts the worker group first.
+- Resources: the fast-path trial holds its worker's CPUs/GPUs; in the
+  TorchTrainer path the Tune function holds 0.01 CPU (0 is refused) and the
+  workers their own. `check_resources` refuses, before anything starts, a
+  request that cannot fit (a worker larger than any node, a trial larger than
+  the cluster, or max_concurrent_trials trials that do not fit together), so
+  nothing can wait forever for resources on a 2-CPU machine.
+- `progress.json` next to each checkpoint records each attempt (the step it
+  resumed from, the first step it evaluated), cheap to read on s3 too.
+- Grid sweeps: `param_space={"trial_id": tune.grid_search(ids)}`, every
+  trial planned up front. `reuse_actors=True`: a finished trial's process
+  takes the next one, saving a Python start and a torch import per trial.
+- Search sweeps: `OptunaSearch` with a define-by-run space (`SearchSpace`, a
+  class so Tune can pickle it for --resume; `when` makes a field conditional),
+  a seeded TPE or random sampler, the arm's own settings (the paper's
+  defaults) enqueued as trial 0, a `ConcurrencyLimiter`, optional ASHA, the
+  study in an RDB (sqlite next to the sweep) that optuna-dashboard can open.
+  Each trial is planned by the planner when Optuna has chosen its values.
+  OptunaSearch tells Optuna "FAIL" when a trial errors and ignores it after a
+  resume; `reconcile_study` records such trials once they finish.
+- Tracking is best effort inside trials: a tracking error is printed, never
+  allowed to kill hours of training. `LRT_FAULT_INJECT="<trial_id part>:<marker
+  file>"` (read by the driver) makes a matching trial crash once right after
+  its first checkpoint: the resume and retry tests use it.
+
+Example (what `python -m lrt_platform.sweep` does, in short):
+    trials = plan(spec, root)
+    ctx = SweepContext(spec, spec_hash(spec), root, {t.trial_id: t.to_dict() for t in trials})
+    tuner = make_grid_tuner(ctx, [t.trial_id for t in trials], max_concurrent=2, callback=ProgressLog())
+    results = tuner.fit()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ray import tune
+
+from . import storage
+from .planner import Trial, plan_search_trial
+from .spec import Spec, SpecError, default_point, when_holds
+
+DRIVER_CPU = 0.01  # the Tune function of a TorchTrainer trial only waits; Ray refuses 0
+FAULT_ENV = "LRT_FAULT_INJECT"
+OPTUNA_NUMBER = "optuna_trial"  # the Optuna trial number, passed to search trials (0 = the enqueued defaults)
+# Ray Train V2 control-loop knobs: poll workers often and skip the preemption watcher, which cuts the
+# controller's idle waits on small runs (FACTS.md: 28.6 s -> 23.1 s per one-worker trial).
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+class ResourceError(SpecError):
+    """The spec asks for resources the cluster cannot give; raised before anything starts."""
+
+
+@dataclass
+class SweepContext:
+    """Everything a trial process needs: plain, picklable data shipped once through the object store."""
+
+    spec: Spec
+    spec_hash: str
+    root: str  # absolute sweep folder (local or s3://)
+    trials: dict[str, dict]  # the planned grid trials by trial_id
+    tracking_uri: str | None = None
+    experiment: str = ""
+    parent_run_id: str | None = None
+    fault: str | None = field(default_factory=lambda: os.environ.get(FAULT_ENV))
+
+
+# ---------------------------------------------------------------------------
+# Resources
+
+
+def trial_request(spec: Spec) -> dict:
+    """What the Tune trial itself holds (the TorchTrainer path's workers hold their own)."""
+    r = spec.resources
+    if r.workers_per_trial == 1:
+        req = {"CPU": r.cpus_per_worker}
+        if r.gpus_per_worker:
+            req["GPU"] = r.gpus_per_worker
+        return req
+    return {"CPU": DRIVER_CPU}
+
+
+def trial_footprint(spec: Spec) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds in total while it runs."""
+    r = spec.resources
+    cpus = r.cpus_per_worker * r.workers_per_trial + (DRIVER_CPU if r.workers_per_trial > 1 else 0.0)
+    return cpus, r.gpus_per_worker * r.workers_per_trial
+
+
+def check_resources(spec: Spec, total: dict, nodes: list[dict]) -> int:
+    """The number of trials to run at once; ResourceError if the request cannot fit the cluster."""
+    r = spec.resources
+    eps = 1e-9
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)] or [total]
+    big_cpu = max(n.get("CPU", 0.0) for n in alive)
+    big_gpu = max(n.get("GPU", 0.0) for n in alive)
+    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    worker = f"{r.cpus_per_worker:g} CPU" + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else "")
+    if r.cpus_per_worker > big_cpu + eps or r.gpus_per_worker > big_gpu + eps:
+        raise ResourceError(
+            f"resources: one worker needs {worker} but the largest node has {big_cpu:g} CPU and {big_gpu:g} GPU; "
+            "lower resources.cpus_per_worker / gpus_per_worker or add larger nodes")
+    cpus, gpus = trial_footprint(spec)
+    what = f"{r.workers_per_trial} worker(s) x {worker}" + \
+        (f" + {DRIVER_CPU} CPU for the trial driver" if r.workers_per_trial > 1 else "")
+    if cpus > have_cpu + eps or gpus > have_gpu + eps:
+        hint = " (on a 2-CPU machine, e.g. cpus_per_worker: 0.99 for 2 workers)" if r.workers_per_trial > 1 else ""
+        raise ResourceError(
+            f"resources: one trial needs {what} = {cpus:g} CPU, {gpus:g} GPU but the cluster has {have_cpu:g} CPU, "
+            f"{have_gpu:g} GPU; lower workers_per_trial or the per-worker resources{hint}")
+    fits = math.floor(have_cpu / cpus + eps)
+    if gpus:
+        fits = min(fits, math.floor(have_gpu / gpus + eps))
+    if r.max_concurrent_trials is not None and r.max_concurrent_trials > fits:
+        raise ResourceError(
+            f"resources: max_concurrent_trials={r.max_concurrent_trials} needs {r.max_concurrent_trials} x "
+            f"({cpus:g} CPU, {gpus:g} GPU) but the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU; "
+            f"set it to {fits} or less (or leave it out)")
+    return r.max_concurrent_trials or max(1, fits)
+
+
+# ---------------------------------------------------------------------------
+# Tracking inside trials (best effort)
+
+
+class _NullTracker:
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def make_tracker(uri: str | None, experiment: str):
+    """The tracking module's Tracker, or a no-op stand-in when it is not installed."""
+    try:
+        from .tracking import Tracker
+    except ImportError:
+        return _NullTracker()
+    return Tracker(uri, experiment)
+
+
+def safe(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - tracking must never take a training run down
+        print(f"[tracking] {what} failed: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+
+def scalars(event: dict) -> dict:
+    """The flat numeric/string part of a train() event: what Tune can report and compare."""
+    return {k: v for k, v in event.items() if k != "event" and isinstance(v, (int, float, str, bool))}
+
+
+def _progress_path(ctx: SweepContext, trial_id: str) -> str:
+    return storage.join(storage.trial_dir(ctx.root, trial_id), "progress.json")
+
+
+def _start_attempt(ctx: SweepContext, trial_id: str) -> dict:
+    """Record a new attempt; returns the progress record (with `resumed_from_step`)."""
+    path = _progress_path(ctx, trial_id)
+    prog = storage.read_json(path) or {"attempts": [], "checkpoint_step": None}
+    prog["attempts"].append({"started": time.time(), "resumed_from_step": prog["checkpoint_step"],
+                             "first_eval_step": None})
+    storage.write_json(path, prog)
+    return prog
+
+
+class Reporter:
+    """train()'s callback in the fast path: tracker + Tune reports + progress file + fault injection."""
+
+    def __init__(self, ctx: SweepContext, trial: Trial, tracker, run_id: str | None, prog: dict):
+        self.ctx, self.trial, self.tracker, self.run_id, self.prog = ctx, trial, tracker, run_id, prog
+        self.ident = {"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id,
+                      "attempt": len(prog["attempts"])}
+        self.last: dict = {}
+        self.final: dict | None = None
+
+    def __call__(self, event: dict) -> None:
+        if self.run_id:
+            safe("log_event", self.tracker.log_event, self.run_id, event)
+        kind = event["event"]
+        if kind == "eval":
+            self.last = {**scalars(event), **self.ident}
+            self._note_first_eval(event["step"])
+            tune.report(self.last)
+        elif kind == "checkpoint":
+            self.prog["checkpoint_step"] = event["step"]
+            storage.write_json(_progress_path(self.ctx, self.trial.trial_id), self.prog)
+            tune.report({**self.last, "checkpoint_step": event["step"], "checkpoint_path": event["path"]})
+            self._maybe_fault()
+        elif kind == "done":
+            self.final = {**scalars(event), **self.ident, "complete": True}
+
+    def _note_first_eval(self, step: int) -> None:
+        attempt = self.prog["attempts"][-1]
+        if attempt["first_eval_step"] is None:
+            attempt["first_eval_step"] = step
+            storage.write_json(_progress_path(self.ctx, self.trial.trial_id), self.prog)
+
+    def _maybe_fault(self) -> None:
+        if not self.ctx.fault:
+            return
+        target, marker = self.ctx.fault.split(":", 1)
+        if target in self.trial.trial_id and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) after the first checkpoint of {self.trial.trial_id}")
+
+
+# ---------------------------------------------------------------------------
+# The Tune trainable
+
+
+def _resolve_trial(config: dict, ctx: SweepContext) -> Trial:
+    if "trial_id" in config:
+        return Trial(**ctx.trials[config["trial_id"]])
+    params = {k: decode_choice(v) for k, v in config.items() if k != OPTUNA_NUMBER}
+    return plan_search_trial(ctx.spec, params, int(config[OPTUNA_NUMBER]), ctx.root)
+
+
+def trial_fn(config: dict, ctx: SweepContext) -> None:
+    """One Tune trial: plan (search trials), track, train (in-process or through a TorchTrainer), report.
+    Returns nothing: Tune would report a returned dict once more."""
+    trial = _resolve_trial(config, ctx)
+    tracker = make_tracker(ctx.tracking_uri, ctx.experiment)
+    run_id = safe("start_trial", tracker.start_trial, ctx.parent_run_id, trial.to_dict()) if ctx.parent_run_id else None
+    try:
+        if ctx.spec.resources.workers_per_trial == 1:
+            _run_in_process(trial, ctx, tracker, run_id)
+        else:
+            _run_train_workers(trial, ctx, run_id)
+    except SystemExit:  # Tune stops a trial by raising SystemExit(0) in tune.report (e.g. ASHA)
+        if run_id:
+            safe("end_trial", tracker.end_trial, run_id, "KILLED", "stopped by Tune (a scheduler decision or Ctrl-C)")
+        raise
+    except BaseException as e:
+        if run_id:
+            safe("end_trial", tracker.end_trial, run_id, "FAILED", f"{type(e).__name__}: {e}"[:500])
+        raise
+    if run_id:
+        safe("end_trial", tracker.end_trial, run_id, "FINISHED")
+
+
+def _run_in_process(trial: Trial, ctx: SweepContext, tracker, run_id: str | None) -> None:
+    import torch
+
+    from lrt_model.train import TrainConfig, train
+
+    torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_worker)))
+    prog = _start_attempt(ctx, trial.trial_id)
+    reporter = Reporter(ctx, trial, tracker, run_id, prog)
+    train(TrainConfig.from_dict(trial.config), reporter)
+    tune.report({**reporter.final, "resumed_from_step": prog["attempts"][-1]["resumed_from_step"] or 0})
+
+
+def _run_train_workers(trial: Trial, ctx: SweepContext, run_id: str | None) -> None:
+    """A TorchTrainer whose workers run `worker_loop`; their reports reach Tune via TuneReportCallback."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    for k, v in TRAIN_ENV.items():  # set in the Tune function: Train V2 propagates them to controller and workers
+        os.environ.setdefault(k, v)
+    r = ctx.spec.resources
+    prog = _start_attempt(ctx, trial.trial_id)
+    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"trial": trial.to_dict(), "ctx": ctx, "run_id": run_id,
+                           "attempt": len(prog["attempts"])},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"{trial.trial_id}-a{len(prog['attempts'])}", storage_path=storage.join(ctx.root, "train"),
+            failure_config=ray.train.FailureConfig(max_failures=ctx.spec.failure.max_failures),
+            callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def worker_loop(config: dict) -> None:
+    """One Ray Train worker: the same train(); every rank reports (a barrier), rank 0 also tracks."""
+    import ray.train
+    import torch
+
+    from lrt_model.train import TrainConfig, train
+
+    ctx: SweepContext = config["ctx"]
+    trial = Trial(**config["trial"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_worker)))
+    tracker = make_tracker(ctx.tracking_uri, ctx.experiment) if rank == 0 else None
+    ident = {"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id, "attempt": config["attempt"]}
+    last: dict = {}
+
+    def callback(event: dict) -> None:
+        nonlocal last
+        if rank == 0 and config["run_id"]:
+            safe("log_event", tracker.log_event, config["run_id"], event)
+        if event["event"] == "eval":
+            last = {**scalars(event), **ident}
+            ray.train.report(last)
+        elif event["event"] == "checkpoint":  # rank 0 only (train() saves on rank 0): no collective here
+            prog = storage.read_json(_progress_path(ctx, trial.trial_id)) or {"attempts": []}
+            prog["checkpoint_step"] = event["step"]
+            storage.write_json(_progress_path(ctx, trial.trial_id), prog)
+        elif event["event"] == "done":
+            ray.train.report({**scalars(event), **ident, "complete": True})
+
+    train(TrainConfig.from_dict(trial.config), callback)
+
+
+def trainable(ctx: SweepContext):
+    """trial_fn with its context bound (shipped once) and its resources declared."""
+    return tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_request(ctx.spec))
+
+
+# ---------------------------------------------------------------------------
+# Optuna search space (define-by-run)
+
+
+def encode_choice(value):
+    """Optuna categorical choices must be scalars; lists (e.g. loss weights) travel as JSON strings."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else "json:" + json.dumps(value)
+
+
+def decode_choice(value):
+    return json.loads(value[5:]) if isinstance(value, str) and value.startswith("json:") else value
+
+
+class SearchSpace:
+    """Define-by-run space for OptunaSearch: fields in spec order, `when` conditions on earlier values.
+    A class (not a closure) so Tune can pickle it into the experiment state for --resume."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+
+    def __call__(self, trial) -> dict:
+        sampled: dict = {}
+        for key, d in self.spec.search.space.items():
+            if not when_holds(d.when, {k: decode_choice(v) for k, v in sampled.items()}, self.spec):
+                continue
+            if d.type == "int":
+                sampled[key] = trial.suggest_int(key, int(d.low), int(d.high), step=int(d.step or 1))
+            elif d.type == "float":
+                sampled[key] = trial.suggest_float(key, d.low, d.high, step=d.step)
+            elif d.type == "loguniform":
+                sampled[key] = trial.suggest_float(key, d.low, d.high, log=True)
+            else:
+                sampled[key] = trial.suggest_categorical(key, [encode_choice(c) for c in d.choices])
+        return {OPTUNA_NUMBER: trial.number}  # constants returned here join the trial's config
+
+
+def make_searcher(ctx: SweepContext, max_concurrent: int):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = ctx.spec.search
+    sampler = optuna.samplers.TPESampler(seed=s.seed) if s.sampler == "tpe" else \
+        optuna.samplers.RandomSampler(seed=s.seed)
+    url = study_url(ctx)
+    metric, mode = ([s.metric, "flops"], [s.mode, "min"]) if s.multi_objective else (s.metric, s.mode)
+    points = [{k: encode_choice(v) for k, v in default_point(ctx.spec).items()}] if s.enqueue_defaults else None
+    searcher = OptunaSearch(space=SearchSpace(ctx.spec), metric=metric, mode=mode, points_to_evaluate=points,
+                            sampler=sampler, study_name=study_name(ctx), storage=optuna.storages.RDBStorage(url))
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def study_name(ctx: SweepContext) -> str:
+    return f"{ctx.spec.experiment}-{ctx.spec_hash}"
+
+
+def study_url(ctx: SweepContext) -> str:
+    s = ctx.spec.search
+    return s.storage or storage.optuna_url(ctx.root, ctx.spec.experiment, ctx.spec_hash)
+
+
+def reconcile_study(ctx: SweepContext, results) -> int:
+    """A search trial that failed and then finished on --resume was already told to Optuna as FAIL, and
+    OptunaSearch ignores its later results; add its final values as a completed trial (once) so the
+    study, and optuna-dashboard, see it. Returns how many were added."""
+    import optuna
+
+    s = ctx.spec.search
+    study = optuna.load_study(study_name=study_name(ctx), storage=study_url(ctx))
+    failed = {t.number: t for t in study.trials if t.state == optuna.trial.TrialState.FAIL}
+    done = {t.user_attrs.get("resumed_from_trial") for t in study.trials}
+    keys = [s.metric, "flops"] if s.multi_objective else [s.metric]
+    added = 0
+    for r in results:
+        m, number = r.metrics or {}, (r.config or {}).get(OPTUNA_NUMBER)
+        if r.error is None and m.get("complete") and number in failed and number not in done \
+                and all(k in m for k in keys):
+            ft = failed[number]
+            study.add_trial(optuna.trial.create_trial(params=ft.params, distributions=ft.distributions,
+                                                      values=[m[k] for k in keys],
+                                                      user_attrs={"resumed_from_trial": number}))
+            added += 1
+    return added
+
+
+def make_scheduler(ctx: SweepContext, budget_flops: float, budget_tokens: float):
+    s = ctx.spec.search
+    if s is None or not s.asha.enabled:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    horizon = budget_flops if s.asha.time_attr == "flops" else budget_tokens
+    return ASHAScheduler(time_attr=s.asha.time_attr, metric=s.metric, mode=s.mode, max_t=horizon * 1.02,
+                         grace_period=horizon * s.asha.grace_fraction, reduction_factor=s.asha.reduction_factor)
+
+
+# ---------------------------------------------------------------------------
+# Tuners
+
+
+class ProgressLog(tune.Callback):
+    """One line per finished or failed trial (Tune's own output is switched off: verbose=0)."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        tid = r.get("lrt_trial_id", trial.trial_id)
+        bpb = f"val_bpb {r['val_bpb']:.4f}" if isinstance(r.get("val_bpb"), float) else "no eval"
+        if r.get("complete"):
+            print(f"[sweep] done    {tid}: {bpb}, {r.get('steps')} steps, {r.get('wall_s', 0):.1f}s training",
+                  flush=True)
+        else:
+            print(f"[sweep] stopped {tid} at step {r.get('step', '?')} by the scheduler: {bpb}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        tid = (trial.last_result or {}).get("lrt_trial_id", trial.trial_id)
+        err = _first_line(trial.error_file)
+        print(f"[sweep] FAILED  {tid}: {err}", flush=True)
+
+
+def _first_line(error_file: str | None) -> str:
+    """The last line of Ray's error file (the exception message), for a one-line report."""
+    try:
+        fs, path = storage.resolve(error_file)
+        with fs.open_input_stream(path) as f:
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1].strip()[:300] if lines else "unknown error"
+    except Exception:  # noqa: BLE001 - a missing error file must not hide the failure itself
+        return "see the trial's error.txt"
+
+
+def _run_config(ctx: SweepContext, name: str, callback: ProgressLog, verbose: int) -> tune.RunConfig:
+    return tune.RunConfig(name=name, storage_path=ctx.root,
+                          failure_config=tune.FailureConfig(max_failures=ctx.spec.failure.max_failures),
+                          callbacks=[callback], verbose=verbose)
+
+
+def _dirname(trial) -> str:
+    return str(trial.config.get("trial_id") or f"search_{trial.trial_id}")
+
+
+def make_grid_tuner(ctx: SweepContext, trial_ids: list[str], max_concurrent: int, callback: ProgressLog,
+                    verbose: int = 0, name: str = "grid") -> tune.Tuner:
+    return tune.Tuner(
+        trainable(ctx),
+        param_space={"trial_id": tune.grid_search(trial_ids)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_dirname_creator=_dirname,
+                                    reuse_actors=True),
+        run_config=_run_config(ctx, name, callback, verbose),
+    )
+
+
+def make_search_tuner(ctx: SweepContext, max_concurrent: int, callback: ProgressLog, budget_flops: float,
+                      budget_tokens: float, verbose: int = 0) -> tune.Tuner:
+    return tune.Tuner(
+        trainable(ctx),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(ctx, max_concurrent),
+                                    scheduler=make_scheduler(ctx, budget_flops, budget_tokens),
+                                    num_samples=ctx.spec.search.num_trials, max_concurrent_trials=max_concurrent,
+                                    trial_dirname_creator=_dirname, reuse_actors=True),
+        run_config=_run_config(ctx, "search", callback, verbose),
+    )
+
+
+def restore_tuner(ctx: SweepContext, name: str) -> tune.Tuner | None:
+    """The Tuner of an interrupted phase, or None if it never started. Finished trials stay finished;
+    errored and unfinished ones run again and resume from their checkpoints. (The RunConfig, its
+    ProgressLog callback included, comes back from the experiment state.)"""
+    path = storage.join(ctx.root, name)
+    if not tune.Tuner.can_restore(path):
+        return None
+    return tune.Tuner.restore(path, trainable(ctx), resume_unfinished=True, resume_errored=True,
+                              restart_errored=False)
+
+
+def unfinished_trials(ctx: SweepContext, name: str, expected: int) -> int:
+    """Trials of a phase that neither finished nor failed, read from the state Tune saved (after Ctrl-C the
+    interrupted ones are PENDING again, and grid variants not yet generated are missing)."""
+    trials = tune.ExperimentAnalysis(storage.join(ctx.root, name)).trials
+    open_ = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return len(open_) + max(0, expected - len(trials))

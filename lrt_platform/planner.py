@@ -1,0 +1,451 @@
+"""The planner: the only place where budgets become tokens, steps and FLOPs.
+
+Design choices:
+- A spec expands to trials: arm x depth x budget x seed. The baseline and the
+  LRT arms of one budget and seed share `pair_id = f"{budget_id}-s{seed}"`;
+  `trial_id = f"{pair_id}-{arm}"` is stable across runs, so checkpoints and
+  tracking runs can be keyed by it.
+- Every budget is first turned into the BASELINE's token count at that depth
+  (flops / baseline FLOPs per token, or tokens_per_param * baseline
+  parameters), then matched: `compute` gives every arm the baseline's
+  training FLOPs (LRT's ~2x FLOPs per token -> about half the tokens),
+  `tokens` gives every arm the baseline's tokens.
+- Tokens are whole optimiser steps (steps * batch tokens). The baseline's step
+  count is chosen among the roundings next to the budget, each LRT arm takes
+  the step count nearest the baseline's FLOPs, and the combination with the
+  smallest worst-case FLOPs mismatch wins. A compute-matched pair that cannot
+  get under 1% is an error that says to raise the budget or lower the batch.
+- FLOPs per token come from `lrt_model.flops`; parameters are counted on a
+  model built on the meta device (exact, no memory, no time).
+- Search trials (Optuna) are planned one at a time, when Optuna has picked
+  their values, against the same baseline anchor: every search trial is held
+  to the spec's fixed budget.
+- Estimated wall time comes from a short measured probe: a few training steps
+  and one evaluation of each distinct model config (shrunk when large) on this
+  machine's CPU, scaled by FLOPs. A rough guide for CPU specs; GPU specs get
+  no estimate rather than a wrong one.
+
+Example:
+    >>> from lrt_platform.spec import load_spec
+    >>> from lrt_platform.planner import plan, plan_summary
+    >>> trials = plan(load_spec("sweep_specs/quickstart.yaml"))
+    >>> [(t.arm, t.steps, t.flops) for t in trials][:2]
+    >>> plan_summary(trials)["max_pair_mismatch"] < 0.01
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
+from lrt_model.flops import baseline_flops_per_token, training_flops_per_token
+from lrt_model.model import GPT
+from lrt_model.optim import OptimConfig
+from lrt_model.train import TrainConfig
+
+from . import storage
+from .spec import FINAL_WEIGHT, ArmSpec, Spec, spec_hash
+
+MAX_MISMATCH = 0.01  # compute-matched arms of a pair may differ by less than this fraction of FLOPs
+
+
+class PlanError(ValueError):
+    """A budget cannot be planned as asked; the message says what to change."""
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    arm: str
+    strategy: str  # "baseline", "interleaved", "multi_refine" or "sequential"
+    depth: int
+    budget_id: str
+    budget_kind: str  # flops | tokens | tokens_per_param
+    budget_value: float
+    seed: int
+    pair_id: str
+    matching: str
+    params: int
+    tokens: int
+    steps: int
+    batch_tokens: int
+    flops: float
+    flops_per_token: float
+    config: dict  # a TrainConfig as a dict: what the trainer runs
+    search: dict | None = None  # the values Optuna chose (search trials only)
+    trial_number: int | None = None  # search trials: Tune's trial counter (0 = the enqueued defaults)
+    est_wall_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+@lru_cache(maxsize=256)
+def _params(model_json: str) -> int:
+    with torch.device("meta"):
+        return GPT(ModelConfig.from_dict(json.loads(model_json))).num_params()
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Exact parameter count, from a model built on the meta device."""
+    return _params(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+def batch_tokens(spec: Spec) -> int:
+    b = spec.backbone
+    return b.total_batch_tokens or b.batch_size * b.seq_len * spec.resources.workers_per_trial
+
+
+def _compact(value: float) -> str:
+    if float(value).is_integer() and value < 1e6:
+        return str(int(value))
+    return f"{value:.3g}".replace("e+0", "e").replace("e+", "e")
+
+
+def budget_id(depth: int, kind: str, value: float) -> str:
+    prefix = {"flops": "flops", "tokens": "tok", "tokens_per_param": "tpp"}[kind]
+    return f"d{depth}-{prefix}{_compact(value)}"
+
+
+def anchor_tokens(spec: Spec, depth: int, value: float) -> float:
+    """The baseline's (unrounded) token count for one budget at one depth."""
+    base = spec.model_config_for(depth, None)
+    kind = spec.budgets.kind
+    if kind == "flops":
+        return value / baseline_flops_per_token(base)
+    if kind == "tokens":
+        return value
+    return value * count_params(base)
+
+
+def _mismatch(flops: float, reference: float) -> float:
+    return abs(flops - reference) / reference
+
+
+def _matched_steps(spec: Spec, cfg: ModelConfig, base_steps: int, base_flops: float, bt: int) -> int:
+    if spec.matching == "tokens":
+        return base_steps
+    return max(1, round(base_flops / (training_flops_per_token(cfg) * bt)))
+
+
+def match_steps(spec: Spec, depth: int, value: float, configs: dict[str, ModelConfig],
+                base_steps: int | None = None) -> dict[str, int]:
+    """Steps per arm for one budget; `configs` maps arm name -> ModelConfig, the baseline first.
+    `base_steps` fixes the baseline's steps (search trials match an already planned baseline)."""
+    bt = batch_tokens(spec)
+    names = list(configs)
+    base_fpt = training_flops_per_token(configs[names[0]])
+    ideal = anchor_tokens(spec, depth, value) / bt
+    near = range(math.floor(ideal) - 2, math.ceil(ideal) + 3)  # a step or two off the budget may match far better
+    candidates = [base_steps] if base_steps else sorted({max(1, n) for n in near})
+    best = None
+    for nb in candidates:
+        base_flops = nb * bt * base_fpt
+        steps = {names[0]: nb}
+        for name in names[1:]:
+            steps[name] = _matched_steps(spec, configs[name], nb, base_flops, bt)
+        gaps = {n: _mismatch(steps[n] * bt * training_flops_per_token(configs[n]), base_flops) for n in names[1:]}
+        worst = max(gaps.values(), default=0.0)
+        key = (round(worst, 12) if spec.matching == "compute" else 0.0, abs(nb - ideal))
+        if best is None or key < best[0]:
+            best = (key, steps, worst, max(gaps, key=gaps.get, default=""))
+    _, steps, worst, arm = best
+    if spec.matching == "compute" and worst >= MAX_MISMATCH:
+        raise PlanError(
+            f"budget {budget_id(depth, spec.budgets.kind, value)}: {arm} and the baseline differ by {worst:.2%} in "
+            f"training FLOPs (under {MAX_MISMATCH:.0%} required) because the budget is only {steps[names[0]]} "
+            f"baseline steps of {bt} tokens; raise the budget or lower the batch (backbone.batch_size / "
+            "total_batch_tokens)")
+    return steps
+
+
+def _arm_configs(spec: Spec, depth: int) -> dict[str, ModelConfig]:
+    """The arms whose FLOPs are matched at one depth, baseline first. A search spec's searched arm is
+    represented by its default point and the corners of its space that change FLOPs per token, so the
+    baseline's rounding suits every search trial."""
+    if spec.search is None:
+        return {a.name: spec.model_config_for(depth, a.recurrence()) for a in spec.arms}
+    configs = {spec.baseline_arm.name: spec.model_config_for(depth, None)}
+    for params, where in _search_corners(spec):
+        try:
+            configs[f"the searched arm at {where}"] = apply_search_params(spec, params)[0]
+        except ConfigError:
+            continue  # an invalid combination fails in its own trial with the trainer's message
+    return configs
+
+
+def train_config(spec: Spec, root: str, trial_id: str, model: ModelConfig, optim: OptimConfig, seed: int,
+                 steps: int) -> dict:
+    """The TrainConfig a trial runs, as a dict. Budget = exact tokens (whole steps), so train() needs no planning."""
+    bt = batch_tokens(spec)
+    eval_every = spec.eval.eval_every or max(1, math.ceil(steps / 8))
+    corpus = spec.data.corpus if spec.data.corpus == "stdlib" else storage.absolute(spec.data.corpus)
+    cfg = TrainConfig(
+        model=model, optim=optim, corpus=corpus, tokenizer=spec.data.tokenizer, batch_size=spec.backbone.batch_size,
+        total_batch_tokens=bt, tokens=steps * bt, eval_every=eval_every, eval_tokens=spec.eval.eval_tokens,
+        seed=seed, device="cuda" if spec.resources.gpus_per_worker > 0 else "cpu",
+        checkpoint_dir=storage.checkpoint_dir(root, trial_id),
+        checkpoint_every=spec.failure.checkpoint_every or eval_every, progress=False,
+    )
+    return cfg.to_dict()
+
+
+def _trial(spec: Spec, root: str, arm: str, model: ModelConfig, depth: int, value: float, seed: int, steps: int,
+           optim: OptimConfig, trial_id: str | None = None, search: dict | None = None,
+           trial_number: int | None = None) -> Trial:
+    bid = budget_id(depth, spec.budgets.kind, value)
+    pair = f"{bid}-s{seed}"
+    trial_id = trial_id or f"{pair}-{arm}"
+    bt = batch_tokens(spec)
+    fpt = training_flops_per_token(model)
+    return Trial(
+        trial_id=trial_id, arm=arm, strategy=model.recurrence.strategy if model.recurrence else "baseline",
+        depth=depth, budget_id=bid, budget_kind=spec.budgets.kind, budget_value=value, seed=seed, pair_id=pair,
+        matching=spec.matching, params=count_params(model), tokens=steps * bt, steps=steps, batch_tokens=bt,
+        flops=steps * bt * fpt, flops_per_token=fpt,
+        config=train_config(spec, root, trial_id, model, optim, seed, steps), search=search,
+        trial_number=trial_number,
+    )
+
+
+def _root(spec: Spec, root: str | None) -> str:
+    return root or storage.sweep_root(spec.storage, spec.experiment, spec_hash(spec))
+
+
+# ---------------------------------------------------------------------------
+# Plans
+
+
+def plan(spec: Spec, root: str | None = None) -> list[Trial]:
+    """The fixed trials of a spec: every arm x depth x budget x seed (for a search spec: the baseline only;
+    its searched arm is planned per Optuna trial by `plan_search_trial`)."""
+    root = _root(spec, root)
+    arms = [spec.baseline_arm] + ([a for a in spec.lrt_arms] if spec.search is None else [])
+    optim = OptimConfig(**spec.optim.overrides())
+    trials = []
+    for depth in spec.depths:
+        configs = _arm_configs(spec, depth)
+        for value in spec.budgets.values(depth):
+            steps = match_steps(spec, depth, value, configs)
+            for seed in spec.seeds:
+                for a in arms:
+                    trials.append(_trial(spec, root, a.name, configs[a.name], depth, value, seed, steps[a.name], optim))
+    return trials
+
+
+def apply_search_params(spec: Spec, params: dict) -> tuple[ModelConfig, OptimConfig]:
+    """The search arm's ModelConfig and OptimConfig with Optuna's values applied (dotted names)."""
+    arm: ArmSpec = spec.search_arm
+    rec = dataclasses.asdict(arm.recurrence())
+    optim = dataclasses.asdict(OptimConfig(**spec.optim.overrides()))
+    model = {}
+    final_weight = params.get(FINAL_WEIGHT)
+    for key, value in params.items():
+        group, name = key.split(".", 1)
+        if key != FINAL_WEIGHT:
+            {"recurrence": rec, "optim": optim, "model": model}[group][name] = value
+    if final_weight is not None and rec["strategy"] != "sequential":
+        rec["loss_weights"] = [1.0] * rec["passes"] + [float(final_weight)]
+    if rec["strategy"] == "sequential":
+        rec["loss_weights"] = None  # only the parallel strategies have per-pass losses
+    base = spec.model_config_for(spec.depths[0], RecurrenceConfig(**rec))
+    return dataclasses.replace(base, **model), OptimConfig(**optim)
+
+
+def plan_search_trial(spec: Spec, params: dict, index: int, root: str | None = None) -> Trial:
+    """One Optuna trial, held to the spec's single budget and matched to the baseline's FLOPs (or tokens)."""
+    root = _root(spec, root)
+    depth, value, seed = spec.depths[0], spec.budgets.values(spec.depths[0])[0], spec.seeds[0]
+    model, optim = apply_search_params(spec, params)
+    arm = f"{spec.search_arm.name}-t{index:03d}"
+    base = spec.baseline_arm.name
+    base_steps = match_steps(spec, depth, value, _arm_configs(spec, depth))[base]
+    steps = match_steps(spec, depth, value, {base: spec.model_config_for(depth, None), arm: model}, base_steps)
+    trial_id = f"{budget_id(depth, spec.budgets.kind, value)}-s{seed}-{arm}"
+    return _trial(spec, root, arm, model, depth, value, seed, steps[arm], optim, trial_id, dict(params), index)
+
+
+FLOPS_FIELDS = ("recurrence.strategy", "recurrence.passes", "recurrence.refresh_kv", "recurrence.injection",
+                "recurrence.projection", "model.width", "model.head_dim", "model.n_kv_head", "model.value_embeds")
+
+
+def _search_corners(spec: Spec, limit: int = 256) -> list[tuple[dict, str]]:
+    """(params, description) for the default point and every combination of the discrete search values
+    that change FLOPs per token (long int ranges: their ends), at most `limit` of them."""
+    from .spec import default_point
+
+    dims = []
+    for key, d in spec.search.space.items():
+        if key not in FLOPS_FIELDS or d.type in ("float", "loguniform"):
+            continue
+        values = d.choices if d.type == "categorical" else list(range(int(d.low), int(d.high) + 1, int(d.step or 1)))
+        dims.append((key, values if len(values) <= 16 else [values[0], values[-1]]))
+    base = default_point(spec)
+    corners = [(base, "the default point")]
+    for combo in itertools.islice(itertools.product(*(v for _, v in dims)), limit):
+        corners.append(({**base, **{k: v for (k, _), v in zip(dims, combo)}},
+                        ", ".join(f"{k}={v}" for (k, _), v in zip(dims, combo))))
+    return corners
+
+
+def check_search_budget(spec: Spec) -> None:
+    """Plan the default point and every FLOPs-changing corner of the space, so a budget too small to
+    match some searched config fails at launch, naming it, not later as a failed Optuna trial."""
+    for params, _ in _search_corners(spec):
+        try:
+            plan_search_trial(spec, params, 0, root="/")
+        except ConfigError:
+            continue  # an invalid combination fails in its own trial with the trainer's message
+
+
+def default_search_trial(spec: Spec, root: str | None = None) -> Trial:
+    """The enqueued first search trial (the arm's own settings), for dry runs."""
+    from .spec import default_point
+
+    return plan_search_trial(spec, default_point(spec), 0, root)
+
+
+def plan_summary(trials: list[Trial]) -> dict:
+    """Totals and the worst FLOPs mismatch between the baseline and any other arm of a pair."""
+    base = {t.pair_id: t.flops for t in trials if t.strategy == "baseline"}
+    worst = max((_mismatch(t.flops, base[t.pair_id]) for t in trials
+                 if t.strategy != "baseline" and t.pair_id in base), default=0.0)
+    walls = [t.est_wall_s for t in trials if t.est_wall_s is not None]
+    return {
+        "trials": len(trials),
+        "tokens": sum(t.tokens for t in trials),
+        "flops": sum(t.flops for t in trials),
+        "est_wall_s": sum(walls) if walls else None,
+        "max_pair_mismatch": worst,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Throughput probe (dry runs)
+
+
+def _probe_config(cfg: ModelConfig) -> ModelConfig:
+    """The config itself when small; otherwise a shrunk twin with the same recurrence."""
+    if count_params(cfg) <= 5_000_000 and cfg.seq_len <= 256:
+        return cfg
+    rec = cfg.recurrence
+    depth = min(cfg.depth, 2)
+    if rec is not None:
+        rec = dataclasses.replace(rec, source_layer=-1, passes=min(rec.passes, 4),
+                                  loss_weights=None)
+    head = min(cfg.head_dim, 64)
+    return ModelConfig(depth=depth, vocab_size=min(cfg.vocab_size, 4096), seq_len=min(cfg.seq_len, 256),
+                       head_dim=head, width=None, recurrence=rec)
+
+
+@lru_cache(maxsize=64)
+def _probe(model_json: str, threads: int) -> tuple[float, float]:
+    """(training FLOPs/s, evaluation seconds per token per baseline-FLOP) measured on a tiny instance."""
+    from lrt_model.evaluate import evaluate_bpb
+    from lrt_model.recurrence import training_loss
+
+    cfg = ModelConfig.from_dict(json.loads(model_json))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        rows, T = 2, cfg.seq_len
+        x = torch.randint(0, cfg.vocab_size, (rows, T + 1))
+        t0 = None
+        for step in range(3):  # one warm-up step, two timed
+            if step == 1:
+                t0 = time.perf_counter()
+            loss = training_loss(model, x[:, :-1], x[:, 1:])[0]
+            loss.backward()
+        train_s = (time.perf_counter() - t0) / 2
+        t1 = time.perf_counter()
+        evaluate_bpb(model, x, torch.ones(cfg.vocab_size, dtype=torch.int64), rows, torch.device("cpu"))
+        eval_s = time.perf_counter() - t1
+    finally:
+        torch.set_num_threads(old_threads)
+    flops_per_s = training_flops_per_token(cfg) * rows * T / train_s
+    eval_s_per_token_flop = eval_s / (rows * T) / baseline_flops_per_token(cfg)
+    return flops_per_s, eval_s_per_token_flop
+
+
+def estimate_wall(trials: list[Trial], spec: Spec) -> None:
+    """Fill `est_wall_s`: training FLOPs / probed FLOPs/s + evaluations scaled by model size.
+    GPU specs are left unestimated: a CPU probe says nothing about a GPU's speed."""
+    if spec.resources.gpus_per_worker > 0:
+        return
+    threads = max(1, int(spec.resources.cpus_per_worker))
+    for t in trials:
+        cfg = ModelConfig.from_dict(t.config["model"])
+        probe_cfg = _probe_config(cfg)
+        fps, eval_cost = _probe(json.dumps(probe_cfg.to_dict(), sort_keys=True), threads)
+        fps *= spec.resources.workers_per_trial
+        eval_every = t.config["eval_every"]
+        n_evals = 1 + math.ceil(t.steps / eval_every)
+        eval_tokens = max(1, spec.eval.eval_tokens // cfg.seq_len) * cfg.seq_len
+        t.est_wall_s = t.flops / fps + n_evals * eval_tokens * eval_cost * baseline_flops_per_token(cfg)
+
+
+# ---------------------------------------------------------------------------
+# Dry-run output
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def format_plan(trials: list[Trial], spec: Spec, search_note: str | None = None) -> str:
+    cols = ["trial", "arm", "depth", "budget", "seed", "pair", "params", "tokens", "steps", "FLOPs", "est. wall"]
+    rows = [[t.trial_id, t.arm, str(t.depth), t.budget_id, str(t.seed), t.pair_id, _si(t.params), _si(t.tokens),
+             str(t.steps), _si(t.flops), f"{t.est_wall_s:.0f}s" if t.est_wall_s is not None else "-"] for t in trials]
+    s = plan_summary(trials)
+    wall = f"{s['est_wall_s']:.0f}s" if s["est_wall_s"] is not None else "-"
+    rows.append(["total", "", "", "", "", "", "", _si(s["tokens"]), str(sum(t.steps for t in trials)),
+                 _si(s["flops"]), wall])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    out = [f"plan for {spec.experiment} ({spec_hash(spec)}): {len(trials)} trials, {spec.matching}-matched",
+           line(cols), line(["-" * w for w in widths]), *map(line, rows[:-1]), line(["-" * w for w in widths]),
+           line(rows[-1])]
+    out.append(f"max FLOPs mismatch within a pair: {s['max_pair_mismatch']:.3%}"
+               + (" (tokens-matched: FLOPs differ by design)" if spec.matching == "tokens" else ""))
+    if search_note:
+        out.append(search_note)
+    if spec.resources.gpus_per_worker > 0:
+        out.append("note: no wall-time estimate for GPU trials (the throughput probe runs on this machine's CPU)")
+    return "\n".join(out)
+
+
+def dry_run(spec: Spec, probe: bool = True, root: str | None = None) -> dict:
+    """The plan as JSON-ready data (what `--dry-run --json` prints)."""
+    trials = plan(spec, root)
+    search = None
+    if spec.search is not None:
+        default = default_search_trial(spec, root)
+        trials.append(default)
+        search = {"num_trials": spec.search.num_trials, "space": list(spec.search.space),
+                  "first_trial": default.trial_id}
+    if probe:
+        estimate_wall(trials, spec)
+    summary = plan_summary(trials)
+    if search is not None and summary["est_wall_s"] is not None:
+        summary["est_wall_s"] += (spec.search.num_trials - 1) * trials[-1].est_wall_s
+    return {"experiment": spec.experiment, "spec_hash": spec_hash(spec), "matching": spec.matching,
+            "budget_kind": spec.budgets.kind, "trials": [t.to_dict() for t in trials], "summary": summary,
+            "search": search}

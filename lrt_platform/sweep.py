@@ -1,0 +1,291 @@
+"""`python -m lrt_platform.sweep SPEC`: run a whole study on a Ray cluster (local by default).
+
+Design choices:
+- The flow is the architecture's: spec -> plan -> search -> train -> track ->
+  compare. Everything that can be wrong with a spec (unknown keys, bad values,
+  budgets too small to match, resources the cluster cannot give) fails before
+  any trial starts, as ONE line on stderr and exit code 2, no traceback.
+- Where it runs: no --address and no RAY_ADDRESS -> a fresh local Ray (no
+  dashboard: seconds faster to start); RAY_ADDRESS set (inside `ray job
+  submit`) or --address auto|ray://... -> that cluster. A Ray already
+  initialised in this process (tests) is used as is.
+- A sweep lives in `<storage>/<experiment>/<spec_hash>/`. Grid sweeps run one
+  Tune experiment `grid`; search sweeps run `grid` (the baseline references)
+  then `search` (Optuna). Running a spec whose folder exists needs --resume
+  (continue: finished trials are not rerun, interrupted ones continue from
+  their checkpoints) or --overwrite (start over).
+- Data is prepared once in the driver (corpus build, tokenizer training), so
+  concurrent trials find it cached instead of racing to build it.
+- At the end: one line per trial (as they finish), the comparison table for
+  this sweep's tracking run, where to look in the MLflow UI, and the
+  orchestration overhead: ((sweep wall time - data preparation) x trial slots
+  - sum of the trials' own training wall_s) / trials, over the trials that
+  ran in this invocation. Ray start-up, tracking set-up, Tune, idle slots and
+  the final report all count as overhead; counting slots (not just wall time)
+  keeps concurrent trials from hiding it.
+- Ctrl-C: Tune stops the trials and saves its state; the sweep run is marked
+  KILLED and --resume continues it.
+- Exit codes: 0 all trials finished, 1 some trials failed (rerun with
+  --resume), 2 the spec or the cluster cannot run the sweep, 130 interrupted.
+
+Example:
+    python -m lrt_platform.sweep sweep_specs/quickstart.yaml --dry-run
+    python -m lrt_platform.sweep sweep_specs/quickstart.yaml
+    python -m lrt_platform.sweep sweep_specs/quickstart.yaml --resume
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python -m lrt_platform.sweep sweep_specs/scaling.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from lrt_model.config import ConfigError
+from lrt_model.data import DataError
+
+from . import storage
+from .planner import PlanError, Trial, check_search_budget, dry_run, format_plan, plan
+from .spec import Spec, SpecError, load_spec, spec_hash
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lrt_platform.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", help="a sweep spec (YAML), e.g. sweep_specs/quickstart.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (with estimated wall times) and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    p.add_argument("--no-probe", action="store_true", help="with --dry-run: skip the throughput probe")
+    p.add_argument("--resume", action="store_true", help="continue the sweep stored for this spec")
+    p.add_argument("--overwrite", action="store_true", help="delete the sweep stored for this spec and start over")
+    p.add_argument("--address", default=None, help="Ray cluster: auto | ray://host:10001 (default: a local Ray)")
+    p.add_argument("--storage", default=None, help="override the spec's storage (local path or s3:// URI)")
+    p.add_argument("--tracking-uri", default=None, help="override the spec's MLflow tracking URI")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (SpecError, PlanError, ConfigError, DataError) as e:
+        msg = str(e)
+        print(f"error: {msg if msg.startswith(args.spec) else f'{args.spec}: {msg}'}", file=sys.stderr)
+        return 2
+
+
+def load(args) -> tuple[Spec, str]:
+    spec = load_spec(args.spec)
+    if args.storage:
+        spec = spec.model_copy(update={"storage": args.storage})
+    if args.tracking_uri:
+        spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": args.tracking_uri})})
+    with open(args.spec) as f:
+        return spec, f.read()
+
+
+def run(args) -> int:
+    t_start = time.time()
+    spec, text = load(args)
+    h = spec_hash(spec)
+    root = storage.sweep_root(spec.storage, spec.experiment, h)
+    trials = plan(spec, root)
+    if spec.search is not None:
+        check_search_budget(spec)  # a budget the searched configs cannot match fails here, not in a trial
+    if args.dry_run:
+        return _print_dry_run(spec, root, args)
+    phases = ["grid"] + (["search"] if spec.search is not None else [])
+    _check_existing(spec, root, phases, args)
+    from .execution import safe  # Ray is imported only once a sweep really runs: dry runs and errors stay fast
+
+    clock = {"start": t_start}
+    slots = _start_cluster(spec, args.address, clock)
+    ctx, tracker = _start_tracking(spec, args.spec, text, h, root, trials, clock)
+    n_planned = len(trials) + (spec.search.num_trials if spec.search else 0)
+    print(f"[sweep] {spec.experiment} ({h}): {n_planned} trials, {min(slots, n_planned)} at a time, "
+          f"{'resuming, ' if args.resume else ''}storage {root}", flush=True)
+    results, unfinished = _run_phases(ctx, trials, phases, slots, args.resume)
+    clock["tune"] = time.time()
+    failed = [r for r in results if r.error is not None]
+    status = "KILLED" if unfinished else "FAILED" if failed else "FINISHED"
+    if ctx.parent_run_id:
+        safe("end_sweep", tracker.end_sweep, ctx.parent_run_id, status)
+    _report(spec, ctx.tracking_uri, tracker, ctx.parent_run_id, results, clock, slots if not unfinished else 0)
+    again = f"python -m lrt_platform.sweep {args.spec} --resume"
+    if unfinished:
+        print(f"[sweep] interrupted with {unfinished} trial(s) unfinished; continue with: {again}", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"[sweep] {len(failed)} trial(s) failed; retry them with: {again}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _start_cluster(spec: Spec, address: str | None, clock: dict) -> int:
+    """Connect to (or start) Ray, check the spec's resources against it, prepare the data once.
+    Returns how many trials run at once."""
+    from .execution import check_resources
+
+    _connect(address)
+    import ray
+
+    slots = check_resources(spec, ray.cluster_resources(), ray.nodes())
+    clock["ray"] = time.time()
+    _prepare_data(spec)
+    clock["data"] = time.time()
+    return slots
+
+
+def _start_tracking(spec: Spec, spec_path: str, text: str, h: str, root: str, trials: list[Trial], clock: dict):
+    """The sweep's parent run (reused on --resume) and the context every trial receives."""
+    from .execution import SweepContext, make_tracker, safe
+
+    uri = _tracking_uri(spec.tracking.uri)
+    tracker = make_tracker(uri, spec.experiment_name)
+    parent = safe("start_sweep", tracker.start_sweep, spec_path, text, h, [t.to_dict() for t in trials])
+    clock["tracking"] = time.time()
+    ctx = SweepContext(spec=spec, spec_hash=h, root=root, trials={t.trial_id: t.to_dict() for t in trials},
+                       tracking_uri=uri, experiment=spec.experiment_name, parent_run_id=parent)
+    return ctx, tracker
+
+
+def _print_dry_run(spec: Spec, root: str, args) -> int:
+    data = dry_run(spec, probe=not args.no_probe, root=root)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    note = None
+    if data["search"]:
+        s = data["search"]
+        note = (f"search: the last row is the first of {s['num_trials']} Optuna trials (the arm's own settings); "
+                f"each is held to the same budget; searched: {', '.join(s['space'])}")
+        if data["summary"]["est_wall_s"] is not None:
+            note += f"; est. total {data['summary']['est_wall_s']:.0f}s"
+    print(format_plan([Trial(**t) for t in data["trials"]], spec, note))
+    return 0
+
+
+def _check_existing(spec: Spec, root: str, phases: list[str], args) -> None:
+    from . import execution
+
+    there = [p for p in phases if execution.tune.Tuner.can_restore(storage.join(root, p))]
+    if args.overwrite:
+        storage.remove_tree(root)
+        if storage.is_uri(root):  # an s3 sweep keeps its Optuna sqlite file locally
+            storage.remove_tree(storage.sweep_root("./runs", spec.experiment, spec_hash(spec)))
+    elif there and not args.resume:
+        raise SpecError(f"a sweep for this spec already exists at {root}; pass --resume to continue it "
+                        "or --overwrite to start over")
+
+
+def _connect(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address)
+
+
+def _prepare_data(spec: Spec) -> None:
+    from lrt_model.data import resolve_corpus
+    from lrt_model.tokenizer import get_tokenizer
+
+    corpus = resolve_corpus(spec.data.corpus if spec.data.corpus == "stdlib" else storage.absolute(spec.data.corpus))
+    get_tokenizer(spec.data.tokenizer, corpus)
+
+
+def _tracking_uri(uri: str | None) -> str:
+    try:
+        from .tracking import resolve_tracking_uri
+    except ImportError:
+        return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    return resolve_tracking_uri(uri)
+
+
+def _run_phases(ctx, trials: list[Trial], phases: list[str], slots: int, resume: bool) -> tuple[list, int]:
+    """Fit each phase's Tuner (restored on --resume). Returns the results and how many trials were left
+    unfinished (Ctrl-C: Tune stops, saves its state and returns)."""
+    from . import execution
+
+    callback = execution.ProgressLog()
+    if resume:  # resumed search trials that had failed: OptunaSearch warns with each whole result; we reconcile
+        logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
+    results = []
+    for phase in phases:
+        tuner = execution.restore_tuner(ctx, phase) if resume else None
+        if tuner is None and phase == "grid":
+            tuner = execution.make_grid_tuner(ctx, [t.trial_id for t in trials], slots, callback)
+        elif tuner is None:
+            base = trials[0]
+            tuner = execution.make_search_tuner(ctx, slots, callback, budget_flops=base.flops,
+                                                budget_tokens=float(base.tokens))
+        phase_results = list(tuner.fit())
+        if phase == "search" and resume and execution.reconcile_study(ctx, phase_results):
+            print("[sweep] resumed search trials that had failed are now recorded as completed in the Optuna study")
+        results.extend(phase_results)
+        expected = len(trials) if phase == "grid" else ctx.spec.search.num_trials
+        unfinished = execution.unfinished_trials(ctx, phase, expected)
+        if unfinished:
+            return results, unfinished
+    return results, 0
+
+
+def overhead(results: list, clock: dict, slots: int) -> dict:
+    """Orchestration overhead of the trials that ran in this invocation:
+    ((wall - data preparation) * trial slots - the trials' own training wall_s) / trials.
+    Data preparation (corpus build, tokenizer training) is left out: without it in the driver each trial
+    would do it inside train(), where it would count as training time."""
+    ran = [r.metrics for r in results
+           if r.error is None and r.metrics and r.metrics.get("timestamp", 0) >= int(clock["start"])]
+    # a trial stopped early by ASHA never reports train()'s wall_s: count Tune's own time for it
+    train_s = sum(m["wall_s"] if m.get("complete") else m.get("time_total_s", 0.0) for m in ran)
+    n = len(ran)
+    used = max(1, min(slots, n))
+    wall = clock["end"] - clock["start"]
+    data = clock.get("data", clock["start"]) - clock.get("ray", clock["start"])
+    per_trial = ((wall - data) * used - train_s) / n if n else float("nan")
+    steps = ["start", "ray", "data", "tracking", "tune", "end"]
+    parts = {b: clock[b] - clock[a] for a, b in zip(steps, steps[1:]) if a in clock and b in clock}
+    return {"trials": n, "wall_s": wall, "data_s": data, "train_s": train_s, "slots": used,
+            "per_trial_s": per_trial, "parts": parts}
+
+
+def _report(spec: Spec, uri: str, tracker, parent: str | None, results: list, clock: dict, slots: int) -> None:
+    try:
+        from .compare import compare, format_report
+
+        print(format_report(compare(uri, spec.experiment_name, parent)), flush=True)
+    except Exception as e:  # noqa: BLE001 - the sweep's results are stored; a report problem must not hide that
+        print(f"[sweep] comparison unavailable: {e}", file=sys.stderr)
+    _print_ui_hint(uri, tracker)
+    clock["end"] = time.time()
+    o = overhead(results, clock, max(slots, 1))
+    if o["trials"] and slots:  # slots == 0: interrupted, no meaningful figure
+        names = {"ray": "ray start", "data": "data prep", "tracking": "tracking", "tune": "trials", "end": "report"}
+        parts = ", ".join(f"{names[k]} {v:.1f}" for k, v in o["parts"].items())
+        print(f"orchestration overhead: {o['per_trial_s']:.1f} s/trial ((wall {o['wall_s']:.1f} s - data prep "
+              f"{o['data_s']:.1f} s) x {o['slots']} trial slot(s) - {o['train_s']:.1f} s of trial training wall_s, "
+              f"over {o['trials']} trials; wall = {parts} s)", flush=True)
+
+
+def _print_ui_hint(uri: str, tracker) -> None:
+    url = getattr(tracker, "ui_url", lambda: None)()
+    if url:
+        print(f"MLflow: {url}")
+        return
+    try:
+        exp_id = tracker.experiment_id(create=False)
+    except Exception:  # noqa: BLE001 - no tracking module or no experiment: no hint
+        return
+    if exp_id is None:
+        return
+    print(f"MLflow: mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The planner: budgets -> tokens/steps/FLOPs, matched pairs, dry runs that launch nothing."""
+
+import json
+import math
+import os
+import time
+
+import pytest
+
+from lrt_model.flops import baseline_flops_per_token, training_flops_per_token
+from lrt_model.model import GPT
+from lrt_platform import planner, sweep
+from lrt_platform.planner import PlanError, check_search_budget, count_params, plan, plan_search_trial, plan_summary
+from lrt_platform.spec import load_spec, parse_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = """
+experiment: p
+backbone: {depth: 2, head_dim: 32, seq_len: 64, batch_size: 4}
+arms:
+  - {name: baseline, baseline: true}
+  - {name: s2, strategy: interleaved, passes: 2}
+  - {name: k3, strategy: multi_refine, passes: 3}
+budgets: {flops: [2.0e+11]}
+seeds: [0, 1]
+"""
+
+
+def _spec(text=BASE, **replace):
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return parse_spec(text)
+
+
+def test_trials_ids_and_pairs():
+    trials = plan(_spec(), root="/tmp/x")
+    assert len(trials) == 6 and len({t.trial_id for t in trials}) == 6
+    t = trials[0]
+    assert (t.trial_id, t.pair_id, t.budget_id, t.arm) == ("d2-flops2e11-s0-baseline", "d2-flops2e11-s0", "d2-flops2e11", "baseline")
+    pairs = {}
+    for t in trials:
+        pairs.setdefault(t.pair_id, set()).add(t.arm)
+    assert pairs == {"d2-flops2e11-s0": {"baseline", "s2", "k3"}, "d2-flops2e11-s1": {"baseline", "s2", "k3"}}
+    assert [t.trial_id for t in plan(_spec(), root="/tmp/x")] == [t.trial_id for t in trials]  # stable
+    assert t.config["checkpoint_dir"] == f"/tmp/x/trials/{t.trial_id}/ckpt"
+
+
+def test_compute_matching_equal_flops_fewer_lrt_tokens():
+    trials = plan(_spec(), root="/tmp/x")
+    by_arm = {t.arm: t for t in trials if t.seed == 0}
+    base, s2, k3 = by_arm["baseline"], by_arm["s2"], by_arm["k3"]
+    assert plan_summary(trials)["max_pair_mismatch"] < 0.01
+    for t in (s2, k3):
+        assert abs(t.flops - base.flops) / base.flops < 0.01
+        assert t.tokens % t.batch_tokens == 0 and t.tokens == t.steps * t.batch_tokens
+        assert t.flops == t.steps * t.batch_tokens * training_flops_per_token(planner.ModelConfig.from_dict(t.config["model"]))
+    assert 0.4 < s2.tokens / base.tokens < 0.55  # ~2x FLOPs per token -> about half the tokens
+    assert 0.2 < k3.tokens / base.tokens < 0.3  # K=3: 4 passes
+    assert abs(base.flops - 2e11) / 2e11 < 0.02  # the budget itself, to whole steps
+
+
+def test_tokens_matching_same_tokens():
+    trials = plan(_spec(**{"seeds: [0, 1]": "seeds: [0, 1]\nmatching: tokens"}), root="/tmp/x")
+    assert len({t.tokens for t in trials}) == 1
+    assert len({round(t.flops) for t in trials}) == 3  # FLOPs differ by design
+
+
+def test_tokens_per_param_uses_the_baseline():
+    spec = _spec(**{"flops: [2.0e+11]": "tokens_per_param: [10]"})
+    trials = plan(spec, root="/tmp/x")
+    base_cfg = spec.model_config_for(2, None)
+    n_params = GPT(base_cfg).num_params()
+    assert count_params(base_cfg) == n_params
+    base = next(t for t in trials if t.arm == "baseline")
+    assert abs(base.tokens - 10 * n_params) <= 3 * base.batch_tokens
+    assert base.params == n_params
+    lrt = next(t for t in trials if t.arm == "s2" and t.seed == 0)
+    assert abs(lrt.flops - base.flops) / base.flops < 0.01
+    assert base.flops == base.tokens * baseline_flops_per_token(base_cfg)
+
+
+def test_per_depth_budgets_and_every_seed():
+    spec = _spec(**{"depth: 2,": "depth: [1, 2],", "flops: [2.0e+11]": "tokens_per_param: {1: [5], 2: [5, 10]}"})
+    ids = {t.budget_id for t in plan(spec, root="/tmp/x")}
+    assert ids == {"d1-tpp5", "d2-tpp5", "d2-tpp10"}
+    assert len(plan(spec, root="/tmp/x")) == 3 * 3 * 2
+
+
+def test_a_budget_too_small_to_match_is_an_error():
+    with pytest.raises(PlanError, match="raise the budget or lower the batch"):
+        plan(_spec(**{"[2.0e+11]": "[2.0e+9]"}), root="/tmp/x")
+
+
+def test_resolved_train_config():
+    spec = _spec(**{"seeds: [0, 1]": "seeds: [0, 1]\noptim: {matrix_lr: 0.03}\neval: {eval_tokens: 1024}"})
+    t = plan(spec, root="/tmp/x")[1]
+    c = t.config
+    assert c["tokens"] == t.tokens and c["flops"] is None and c["tokens_per_param"] is None
+    assert c["optim"]["matrix_lr"] == 0.03 and c["eval_tokens"] == 1024 and c["seed"] == t.seed
+    assert c["total_batch_tokens"] == 4 * 64 and c["device"] == "cpu" and c["progress"] is False
+    assert c["checkpoint_every"] == c["eval_every"] == math.ceil(t.steps / 8)
+    assert c["model"]["recurrence"]["passes"] == 2
+
+
+def test_search_trials_are_held_to_the_budget():
+    spec = load_spec(f"{ROOT}/sweep_specs/tiny/schedule_search.yaml")
+    check_search_budget(spec)
+    grid = plan(spec, root="/tmp/x")
+    assert [t.arm for t in grid] == ["baseline"]
+    for params in ({"recurrence.strategy": "multi_refine", "recurrence.passes": 3, "recurrence.detach": True,
+                    "recurrence.final_weight": 2.0},
+                   {"recurrence.strategy": "interleaved", "recurrence.passes": 1, "recurrence.refresh_kv": True,
+                    "recurrence.final_weight": 0.5}):
+        t = plan_search_trial(spec, params, 7, root="/tmp/x")
+        assert t.arm == "lrt-t007" and t.pair_id == grid[0].pair_id and t.trial_number == 7
+        assert abs(t.flops - grid[0].flops) / grid[0].flops < 0.01
+        rec = t.config["model"]["recurrence"]
+        assert rec["strategy"] == params["recurrence.strategy"] and rec["passes"] == params["recurrence.passes"]
+        assert rec["loss_weights"] == [1.0] * rec["passes"] + [params["recurrence.final_weight"]]
+
+
+def test_search_budget_checked_at_the_costliest_corner():
+    spec = load_spec(f"{ROOT}/sweep_specs/tiny/schedule_search.yaml")
+    small = spec.model_copy(update={"budgets": spec.budgets.model_copy(update={"flops": {0: [2.0e9]}})})
+    with pytest.raises(PlanError, match="searched arm at .*recurrence.strategy=multi_refine"):
+        check_search_budget(small)
+
+
+def test_scaling_spec_pairs_match():
+    trials = plan(load_spec(f"{ROOT}/sweep_specs/scaling.yaml"))
+    assert len(trials) == 3 * 3 * 3 and plan_summary(trials)["max_pair_mismatch"] < 0.01
+    assert all(t.config["corpus"].startswith("s3://") and t.config["checkpoint_dir"].startswith("s3://") for t in trials)
+
+
+def test_dry_run_json_and_table_launch_nothing(tmp_path, capsys):
+    spec_path = f"{ROOT}/sweep_specs/quickstart.yaml"
+    t0 = time.time()
+    assert sweep.main([spec_path, "--dry-run", "--json", "--storage", str(tmp_path / "runs")]) == 0
+    probe_s = time.time() - t0
+    data = json.loads(capsys.readouterr().out)
+    assert data["experiment"] == "quickstart" and len(data["trials"]) == 4
+    assert data["summary"]["max_pair_mismatch"] < 0.01
+    assert all(t["est_wall_s"] > 0 for t in data["trials"])
+    assert probe_s < 20  # a couple of seconds on an idle 2-core box; generous for a busy one
+    assert not (tmp_path / "runs").exists()  # nothing launched, nothing written
+    assert sweep.main([spec_path, "--dry-run", "--no-probe", "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    for col in ("trial", "arm", "depth", "budget", "seed", "pair", "params", "tokens", "steps", "FLOPs", "est. wall", "total"):
+        assert col in out
+    assert "max FLOPs mismatch within a pair" in out
+
+
+def test_probe_estimates_are_positive_and_cached():
+    spec = load_spec(f"{ROOT}/sweep_specs/tiny/quickstart.yaml")
+    trials = plan(spec, root="/tmp/x")
+    planner.estimate_wall(trials, spec)
+    t0 = time.time()
+    planner.estimate_wall(trials, spec)  # every distinct config probed once
+    assert time.time() - t0 < 0.5
+    assert all(t.est_wall_s > 0 for t in trials)

@@ -1,0 +1,124 @@
+"""Sweep specs: every shipped spec validates; bad specs fail with one clear line."""
+
+import glob
+import os
+
+import pytest
+
+from lrt_platform.spec import SpecError, load_spec, parse_spec, spec_hash
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = """
+experiment: t
+backbone: {depth: 2, head_dim: 32, seq_len: 64, batch_size: 4}
+arms:
+  - {name: baseline, baseline: true}
+  - {name: lrt, strategy: interleaved, passes: 2}
+budgets: {flops: [1.0e+11]}
+seeds: [0, 1]
+"""
+
+
+def _error(text: str) -> str:
+    with pytest.raises(SpecError) as e:
+        parse_spec(text, "bad.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("bad.yaml: ")
+    return msg
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(f"{ROOT}/sweep_specs/**/*.yaml", recursive=True)))
+def test_every_shipped_spec_validates(path):
+    spec = load_spec(path)
+    assert len(spec_hash(spec)) == 12 and spec.baseline_arm and spec.lrt_arms
+
+
+def test_shipped_specs_cover_the_issue():
+    names = {os.path.relpath(p, f"{ROOT}/sweep_specs") for p in glob.glob(f"{ROOT}/sweep_specs/**/*.yaml", recursive=True)}
+    assert {"quickstart.yaml", "scaling.yaml", "schedule_search.yaml", "injection_search.yaml",
+            "tiny/quickstart.yaml", "tiny/schedule_search.yaml", "tiny/injection_search.yaml"} <= names
+
+
+def test_defaults_and_views():
+    spec = parse_spec(BASE)
+    assert spec.depths == [2] and spec.matching == "compute" and spec.budgets.kind == "flops"
+    assert spec.budgets.values(2) == [1e11]
+    rec = spec.lrt_arms[0].recurrence()
+    assert (rec.strategy, rec.passes, rec.injection, rec.projection, rec.gamma_init) == ("interleaved", 2, "both", "shared", 0.1)
+    assert spec.baseline_arm.recurrence() is None
+    assert spec.storage == "./runs" and spec.tracking.uri is None and spec.experiment_name == "t"
+    assert spec.failure.max_failures == 2
+
+
+def test_unknown_key_names_the_place_and_the_allowed_keys():
+    msg = _error(BASE.replace("passes: 2}", "pases: 2}"))
+    assert "arms[1]" in msg and "'pases'" in msg and "passes" in msg and "strategy" in msg
+    msg = _error(BASE + "bogus: 1\n")
+    assert "unknown key 'bogus'" in msg and "experiment" in msg
+
+
+def test_negative_and_zero_budgets():
+    assert "budgets.flops" in _error(BASE.replace("[1.0e+11]", "[-1.0e+11]"))
+    assert "must be positive" in _error(BASE.replace("[1.0e+11]", "[0]"))
+    assert "budgets.tokens_per_param" in _error(BASE.replace("flops: [1.0e+11]", "tokens_per_param: [10, -5]"))
+
+
+def test_bad_values_list_the_allowed_ones():
+    msg = _error(BASE + "matching: flopz\n")
+    assert "matching" in msg and "'compute'" in msg and "'tokens'" in msg and "flopz" in msg
+    msg = _error(BASE.replace("interleaved", "sideways"))
+    assert "arms[1].strategy" in msg and "multi_refine" in msg and "sideways" in msg
+    assert "backbone.seq_len" in _error(BASE.replace("seq_len: 64", "seq_len: -3"))
+    assert "bpe:N" in _error(BASE + "data: {tokenizer: words}\n")
+    assert "resources.cpus_per_worker" in _error(BASE + "resources: {cpus_per_worker: 0}\n")
+
+
+def test_arm_rules():
+    assert "exactly one arm with 'baseline: true'" in _error(BASE.replace("  - {name: baseline, baseline: true}\n", ""))
+    assert "at least one LRT arm" in _error(BASE.replace("  - {name: lrt, strategy: interleaved, passes: 2}\n", ""))
+    assert "takes no recurrence settings" in _error(BASE.replace("baseline: true}", "baseline: true, passes: 3}"))
+    assert "used twice" in _error(BASE.replace("name: lrt", "name: baseline"))
+    msg = _error(BASE.replace("passes: 2}", "passes: 2, source_layer: 7}"))
+    assert "source_layer=7" in msg and "depth 2" in msg
+    assert "loss_weights" in _error(BASE.replace("passes: 2}", "passes: 2, loss_weights: [1, 1]}"))
+
+
+def test_budget_per_depth():
+    spec = parse_spec(BASE.replace("depth: 2,", "depth: [2, 4],").replace(
+        "flops: [1.0e+11]", "tokens_per_param: {2: [5, 10], 4: [10]}"))
+    assert spec.budgets.values(2) == [5, 10] and spec.budgets.values(4) == [10]
+    assert "depth 3 is not in" in _error(BASE.replace("flops: [1.0e+11]", "flops: {3: [1.0e+11]}"))
+    assert "no budget for depth 4" in _error(BASE.replace("depth: 2,", "depth: [2, 4],").replace(
+        "flops: [1.0e+11]", "flops: {2: [1.0e+11]}"))
+    assert "exactly one of" in _error(BASE.replace("flops: [1.0e+11]", "flops: [1.0e+11], tokens: [1000]"))
+
+
+def test_batch_must_divide():
+    assert "multiple of" in _error(BASE.replace("batch_size: 4}", "batch_size: 4, total_batch_tokens: 300}"))
+
+
+def test_search_block_validation():
+    search = "search:\n  space:\n    recurrence.passes: {type: int, low: 1, high: 4}\n"
+    spec = parse_spec(BASE.replace("seeds: [0, 1]", "seeds: [0]") + search)
+    assert spec.search.sampler == "tpe" and spec.search.metric == "val_bpb" and spec.search_arm.name == "lrt"
+    assert "cannot be searched" in _error(BASE + search.replace("recurrence.passes", "recurrence.pases"))
+    assert "lies outside the space" in _error(BASE + search.replace("low: 1", "low: 3"))
+    assert "needs 'low' and 'high'" in _error(BASE + "search:\n  space:\n    optim.matrix_lr: {type: float}\n")
+    assert "low > 0" in _error(BASE + "search:\n  space:\n    optim.matrix_lr: {type: loguniform, low: 0, high: 1}\n")
+    assert "asha" in _error(BASE + search + "  multi_objective: true\n  asha: {enabled: true}\n")
+    assert "one fixed budget" in _error(BASE.replace("[1.0e+11]", "[1.0e+11, 2.0e+11]") + search)
+
+
+def test_spec_hash_is_stable_and_ignores_where_it_runs():
+    a = parse_spec(BASE)
+    reordered = parse_spec("seeds: [0, 1]\n" + BASE.replace("seeds: [0, 1]\n", "") + "storage: s3://b/x\n"
+                           "tracking: {uri: 'http://h:5000'}\nresources: {max_concurrent_trials: 1}\n")
+    assert spec_hash(a) == spec_hash(reordered) == spec_hash(parse_spec(BASE))
+    assert spec_hash(a) != spec_hash(parse_spec(BASE.replace("[0, 1]", "[0, 2]")))
+    assert spec_hash(a) != spec_hash(parse_spec(BASE.replace("passes: 2", "passes: 3")))
+
+
+def test_not_yaml_and_not_a_mapping():
+    assert "not valid YAML" in _error("a: [1, 2")
+    assert "a YAML mapping" in _error("- 1\n- 2\n")
+    assert "experiment: this field is required" in _error(BASE.replace("experiment: t\n", ""))
