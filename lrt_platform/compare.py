@@ -422,6 +422,8 @@ def _scaling(arms: list[dict]) -> dict:
 
 def search_summary(data: dict, trials: list[dict]) -> dict:
     runs = {r["run_id"]: r for r in data["trials"]}
+    # only the Optuna trials: the baseline reference trials of a search sweep are not candidates
+    trials = [t for t in trials if t["search"]] or trials
     order = sorted(trials, key=lambda t: (_int(t["trial_number"]), t["start_time"] or 0))
     history, best = [], None
     for i, t in enumerate(order):

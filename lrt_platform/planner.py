@@ -196,6 +196,7 @@ def train_config(spec: Spec, root: str, trial_id: str, model: ModelConfig, optim
     cfg = TrainConfig(
         model=model, optim=optim, corpus=corpus, tokenizer=spec.data.tokenizer, batch_size=spec.backbone.batch_size,
         total_batch_tokens=bt, tokens=steps * bt, eval_every=eval_every, eval_tokens=spec.eval.eval_tokens,
+        icl=spec.eval.icl,
         seed=seed, device="cuda" if spec.resources.gpus_per_worker > 0 else "cpu",
         checkpoint_dir=storage.checkpoint_dir(root, trial_id),
         checkpoint_every=spec.failure.checkpoint_every or eval_every, progress=False,

@@ -221,6 +221,15 @@ class OptimSpec(_Strict):
 class EvalSpec(_Strict):
     eval_tokens: PosInt = 32768  # validation tokens per evaluation
     eval_every: int = Field(0, ge=0)  # steps; 0 = about 8 evaluations per trial
+    icl: dict[str, Any] | None = None  # final in-context-learning evaluation (lrt_model.icl settings); {evals: []} = off
+
+    @field_validator("icl")
+    @classmethod
+    def _check_icl(cls, v):
+        from lrt_model.icl import icl_config
+
+        icl_config(v)  # unknown settings or values: the ConfigError names them
+        return v
 
 
 class Dist(_Strict):

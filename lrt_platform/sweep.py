@@ -102,7 +102,7 @@ def run(args) -> int:
 
     clock = {"start": t_start}
     slots = _start_cluster(spec, args.address, clock)
-    ctx, tracker = _start_tracking(spec, args.spec, text, h, root, trials, clock)
+    ctx, tracker = _start_tracking(spec, args.spec, text, h, root, trials, clock, resume=not args.overwrite)
     n_planned = len(trials) + (spec.search.num_trials if spec.search else 0)
     print(f"[sweep] {spec.experiment} ({h}): {n_planned} trials, {min(slots, n_planned)} at a time, "
           f"{'resuming, ' if args.resume else ''}storage {root}", flush=True)
@@ -138,13 +138,15 @@ def _start_cluster(spec: Spec, address: str | None, clock: dict) -> int:
     return slots
 
 
-def _start_tracking(spec: Spec, spec_path: str, text: str, h: str, root: str, trials: list[Trial], clock: dict):
+def _start_tracking(spec: Spec, spec_path: str, text: str, h: str, root: str, trials: list[Trial], clock: dict,
+                    resume: bool = True):
     """The sweep's parent run (reused on --resume) and the context every trial receives."""
     from .execution import SweepContext, make_tracker, safe
 
     uri = _tracking_uri(spec.tracking.uri)
     tracker = make_tracker(uri, spec.experiment_name)
-    parent = safe("start_sweep", tracker.start_sweep, spec_path, text, h, [t.to_dict() for t in trials])
+    parent = safe("start_sweep", tracker.start_sweep, spec_path, text, h, [t.to_dict() for t in trials],
+                  resume=resume)
     clock["tracking"] = time.time()
     ctx = SweepContext(spec=spec, spec_hash=h, root=root, trials={t.trial_id: t.to_dict() for t in trials},
                        tracking_uri=uri, experiment=spec.experiment_name, parent_run_id=parent)

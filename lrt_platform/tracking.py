@@ -409,12 +409,14 @@ class Tracker:
     # -- sweep --------------------------------------------------------------
 
     def start_sweep(self, spec_path: str, spec_text: str, spec_hash: str, plan: list[dict],
-                    sweep_kind: str | None = None) -> str:
-        """The sweep's parent run id; an unfinished sweep run with the same spec hash is resumed.
+                    sweep_kind: str | None = None, resume: bool = True) -> str:
+        """The sweep's parent run id; with resume, an unfinished sweep run with the same spec hash is
+        reused (without: always a new run, e.g. for --overwrite).
         sweep_kind (tag): given, or "search" when the plan has search values or the spec a `search:` block."""
         exp_id = self.experiment_id()
         kind = sweep_kind or ("search" if any(t.get("search") for t in plan) or _spec_searches(spec_text) else "grid")
-        run_id, resumed = self._retry("start_sweep", lambda: self._find_or_create_sweep(exp_id, spec_hash, spec_path))
+        run_id, resumed = self._retry("start_sweep",
+                                      lambda: self._find_or_create_sweep(exp_id, spec_hash, spec_path, resume))
         tags = {"spec_hash": spec_hash, "spec_path": spec_path, "sweep_kind": kind, "n_trials": len(plan),
                 "experiment": self.experiment, "resumed": resumed,
                 **_git_info(), **_versions(), **_accelerators()}
@@ -425,11 +427,11 @@ class Tracker:
         self._retry("log plan", lambda: self.client.log_text(run_id, plan_json, "plan.json"))
         return run_id
 
-    def _find_or_create_sweep(self, exp_id: str, spec_hash: str, spec_path: str) -> tuple[str, int]:
+    def _find_or_create_sweep(self, exp_id: str, spec_hash: str, spec_path: str, resume: bool) -> tuple[str, int]:
         quoted = _quote(spec_hash)
         flt = f"tags.{KIND_TAG} = 'sweep'" + (f" and tags.spec_hash = {quoted}" if quoted else "")
         runs = self.client.search_runs([exp_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                                       max_results=1000)
+                                       max_results=1000) if resume else []
         for run in runs:
             if run.info.status != "FINISHED" and run.data.tags.get("spec_hash") == spec_hash:
                 self.client.update_run(run.info.run_id, status="RUNNING")
