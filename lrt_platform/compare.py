@@ -53,6 +53,7 @@ import io
 import json
 import logging
 import math
+import re
 import sys
 from collections import defaultdict
 
@@ -573,9 +574,13 @@ def _icl_keys(report: dict) -> list[str]:
     return sorted({k for a in report["arms"] for k in a["icl"]})
 
 
+HEADLINE_ICL = re.compile(r"^icl_(score|core|[a-z]+_acc)$")  # main view, averaged over k
+
+
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """One row per (budget, arm): the baseline first, then its LRT arms with their paired deltas."""
-    icl = _icl_keys(report)
+    """One row per (budget, arm): the baseline first, then its LRT arms with their paired deltas.
+    ICL: the headline columns only (score, per-task accuracy over k, CORE); json/csv carry every key."""
+    icl = [k for k in _icl_keys(report) if HEADLINE_ICL.match(k)]
     header = ["budget", "arm", "view", "n", "val_bpb mean ± std", "Δ vs baseline [95% CI]", "Δ% [95% CI]",
               "pairs", "FLOPs", "tokens", "params", "tok/param", "interleave gap", "compute x"] + icl
     comps = {(c["budget_id"], c["arm"]): c for c in report["comparisons"]}
