@@ -10,8 +10,8 @@ Design choices:
 - Memory: on CUDA the peak allocated bytes of one training step; on the CPU
   (no allocator statistics) the bytes of tensors saved for backward, the
   activation memory that dominates a step's footprint.
-- Decode: tokens/s of `generate` (exact recurrence for LRT) after a short
-  prompt, at batch 1 and 8 (and 32 on CUDA).
+- Decode: steady-state tokens/s of `generate` (exact recurrence for LRT)
+  after a short prompt, prefill excluded, at batch 1 and 8 (and 32 on CUDA).
 - Needs only torch: runs on a GPU box without ray/mlflow/optuna.
 
 Example:
@@ -114,12 +114,15 @@ def peak_step_bytes(trainee: Trainee, x, y) -> int:
 
 
 def decode_tokens_per_s(model: GPT, batch: int, prompt_len: int, new_tokens: int, device) -> float:
+    """Steady-state decoding: generate(N) minus generate(1), so the prompt's prefill (one
+    chunk for the baseline, one exact step per token for LRT) is left out of the rate."""
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
         generate(model, prompt, 4, temperature=0)  # warm-up
-        seconds = timed(lambda: generate(model, prompt, new_tokens, temperature=0), device)
-    return batch * new_tokens / seconds
+        full = timed(lambda: generate(model, prompt, new_tokens, temperature=0), device)
+        prefill_only = timed(lambda: generate(model, prompt, 1, temperature=0), device)
+    return batch * (new_tokens - 1) / max(full - prefill_only, 1e-9)
 
 
 @torch.no_grad()

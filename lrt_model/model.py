@@ -356,14 +356,28 @@ class GPT(nn.Module):
         if memory is not None and self.mem_k is not None:  # once per pass, reused by all layers
             kv_shape = (B, n, self.cfg.kv_heads, self.cfg.head_dim)
             shared_kv = (self.mem_k(memory).view(kv_shape), self.mem_v(memory).view(kv_shape))
+        # A decode step is bound by per-op overhead, not arithmetic: there, every layer's
+        # residual and gated-K/V memory terms are made in one op each, up front.
+        batched = memory is not None and n == 1 and not torch.is_grad_enabled()
+        residual_all = kv_all = None
+        if batched and self.gamma is not None:
+            residual_all = self.gamma.view(-1, 1, 1, 1) * memory
+        if batched and shared_kv is not None and self.blocks[0].attn.mem_gate_k is not None:
+            gk = torch.stack([b.attn.mem_gate_k for b in self.blocks]).view(-1, 1, 1, self.cfg.kv_heads, 1)
+            gv = torch.stack([b.attn.mem_gate_v for b in self.blocks]).view(-1, 1, 1, self.cfg.kv_heads, 1)
+            kv_all = (shared_kv[0] * gk, shared_kv[1] * gv)
         source = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             mem_kv = None
             if memory is not None:
-                if self.gamma is not None:
+                if residual_all is not None:
+                    x = x + residual_all[i]
+                elif self.gamma is not None:
                     x = x + self.gamma[i] * memory
-                if self.rec.uses_kv:
+                if kv_all is not None:
+                    mem_kv = (kv_all[0][i], kv_all[1][i])
+                elif self.rec.uses_kv:
                     mem_kv = block.attn.memory_kv(memory, shared_kv)
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, mem_kv, kv, q_pos)
