@@ -22,7 +22,8 @@ LATEST = "latest.pt"
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix."""
+    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix: the one
+    resolver that data, tokenizers, checkpoints and sweep storage all go through."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))

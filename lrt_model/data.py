@@ -41,13 +41,15 @@ import sysconfig
 import uuid
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
+
+from .checkpoint import resolve
 
 SHARD_BYTES = 8 * 1024 * 1024  # train shard size target: a shard packs in about a second
 VAL_MODULUS = 20  # crc32(relpath) % 20 == 0 -> validation (~5% of documents)
@@ -65,11 +67,8 @@ class DataError(Exception):
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as s3://bucket/dir."""
-    if "://" not in uri:
-        # from_uri wants an absolute path; this is string work, not file access
-        uri = os.path.abspath(os.path.expanduser(uri))
     try:
-        return pafs.FileSystem.from_uri(uri)
+        return resolve(uri)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"cannot open corpus location {uri!r} ({e}): pass a local directory or an s3:// URI") from e
 

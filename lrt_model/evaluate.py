@@ -62,8 +62,11 @@ def evaluate_bpb(model: GPT, rows: torch.Tensor, token_bytes: torch.Tensor, batc
         with ctx:
             tallies["full"].add(model(inputs), targets, token_bytes)
             if lrt:
-                tallies["merged"].add(forward_passes(model, inputs).merged(), targets, token_bytes)
-                tallies["sequential"].add(sequential_logits(model, inputs), targets, token_bytes)
+                sequential = sequential_logits(model, inputs)
+                # the sequential strategy's training view is the recurrence itself: score it once
+                merged = sequential if model.rec.strategy == "sequential" else forward_passes(model, inputs).merged()
+                tallies["merged"].add(merged, targets, token_bytes)
+                tallies["sequential"].add(sequential, targets, token_bytes)
     model.train(was_training)
     out = {f"val_bpb_{v}": tallies[v].bpb() for v in views}
     main = "sequential" if lrt else "full"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -352,10 +352,7 @@ class GPT(nn.Module):
         B, n = idx.shape
         cos, sin = self._rotary(n, q_pos, kv)
         x = x0 = rms_norm(self.wte(idx))
-        shared_kv = None
-        if memory is not None and self.mem_k is not None:  # once per pass, reused by all layers
-            kv_shape = (B, n, self.cfg.kv_heads, self.cfg.head_dim)
-            shared_kv = (self.mem_k(memory).view(kv_shape), self.mem_v(memory).view(kv_shape))
+        shared_kv = self.shared_memory_kv(memory) if memory is not None else None
         # A decode step is bound by per-op overhead, not arithmetic: there, every layer's
         # residual and gated-K/V memory terms are made in one op each, up front.
         batched = memory is not None and n == 1 and not torch.is_grad_enabled()
@@ -387,6 +384,15 @@ class GPT(nn.Module):
         if self.source_index == self.cfg.depth - 1:
             source = x  # the final layer's normed output
         return RunOutput(x, source)
+
+    def shared_memory_kv(self, memory: torch.Tensor):
+        """The shared projection's (k, v) of memory (B, n, d), each (B, n, H_kv, D), computed once
+        per pass and reused by every layer; None for the layerwise variant or without KV injection."""
+        if self.mem_k is None:
+            return None
+        B, n, _ = memory.shape
+        shape = (B, n, self.cfg.kv_heads, self.cfg.head_dim)
+        return self.mem_k(memory).view(shape), self.mem_v(memory).view(shape)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         z = self.lm_head(hidden)

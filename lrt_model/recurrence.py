@@ -108,12 +108,8 @@ def _refresh_kv(model: GPT, store: SelfKV, keys, values, memory, unvisited):
     """Re-project the buffered K/V of not-yet-visited positions with the latest
     memory: the pass-0 projections plus the memory's K/V, re-normed and rotated."""
     B, T, _ = memory.shape
-    cfg = model.cfg
     cos, sin = model._rotary(T, None, None)
-    shared_kv = None
-    if model.mem_k is not None:
-        shape = (B, T, cfg.kv_heads, cfg.head_dim)
-        shared_kv = (model.mem_k(memory).view(shape), model.mem_v(memory).view(shape))
+    shared_kv = model.shared_memory_kv(memory)
     sel = unvisited[None, None, :, None]
     new_k, new_v = [], []
     for layer, block in enumerate(model.blocks):

@@ -38,6 +38,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow.fs as pafs
 
+from lrt_model.checkpoint import resolve
 from lrt_model.data import DataError, iter_texts, resolve_corpus
 
 BOS = "<|bos|>"
@@ -153,12 +154,8 @@ class BPETokenizer:
 # Files: local paths or URIs, through pyarrow.fs like the corpus itself
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
-
-
 def _read_text(uri: str) -> str:
-    fs, path = _fs(uri)
+    fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode("utf-8")
 
@@ -170,7 +167,7 @@ def _write_text_atomic(uri: str, text: str, replace: bool = True) -> None:
     existing name), so racing trainers agree on the first file written.
     """
     if "://" in uri:
-        fs, path = _fs(uri)
+        fs, path = resolve(uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(text.encode("utf-8"))
@@ -194,7 +191,7 @@ def _write_text_atomic(uri: str, text: str, replace: bool = True) -> None:
 
 
 def _exists(uri: str) -> bool:
-    fs, path = _fs(uri)
+    fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
 
 

@@ -156,17 +156,10 @@ def check_resources(spec: Spec, total: dict, nodes: list[dict]) -> int:
 # Tracking inside trials (best effort)
 
 
-class _NullTracker:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
 def make_tracker(uri: str | None, experiment: str):
-    """The tracking module's Tracker, or a no-op stand-in when it is not installed."""
-    try:
-        from .tracking import Tracker
-    except ImportError:
-        return _NullTracker()
+    """The sweep's Tracker (imported here: MLflow loads only in processes that track)."""
+    from .tracking import Tracker
+
     return Tracker(uri, experiment)
 
 

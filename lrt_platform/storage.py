@@ -33,6 +33,8 @@ import uuid
 
 import pyarrow.fs as pafs
 
+from lrt_model.checkpoint import resolve  # the one pyarrow filesystem resolver
+
 
 def is_uri(path: str) -> bool:
     return "://" in path
@@ -43,12 +45,6 @@ def absolute(path: str) -> str:
     if is_uri(path):
         return path.rstrip("/")
     return os.path.abspath(os.path.expanduser(path))
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), absolute(uri)
 
 
 def join(base: str, *parts: str) -> str:
