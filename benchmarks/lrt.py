@@ -43,6 +43,7 @@ VARIANTS = {
     "interleaved_s2": dict(strategy="interleaved", passes=2),
     "interleaved_s4": dict(strategy="interleaved", passes=4),
     "multi_refine_k2": dict(strategy="multi_refine", passes=2),
+    "interleaved_s2_recompute": dict(strategy="interleaved", passes=2, recompute_mlp=True),
 }
 
 
@@ -80,6 +81,11 @@ class Trainee:
         for o in self.opts:
             o.step()
         self.model.zero_grad(set_to_none=True)
+
+
+def progress(msg: str) -> None:
+    """Progress on stderr, so a run cut short by a time limit still tells how far it got."""
+    print(f"[benchmarks.lrt] {msg}", file=sys.stderr, flush=True)
 
 
 def timed(fn, device) -> float:
@@ -145,19 +151,35 @@ def prefill_comparison(model: GPT, batch: int, device, passes: int = 2) -> dict:
     }
 
 
+def write_profile(trainees: dict, x, y, device, path: str) -> None:
+    """torch.profiler's table (top ops by device time) for one step of each variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        for name, t in trainees.items():
+            with profile(activities=activities) as prof:
+                t.step(x, y)
+                _sync(device)
+            f.write(f"=== {name}: one step\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")
+
+
 def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
     y = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
-    names = ["baseline"] + [v for v in args.variants.split(",") if v != "baseline"]
+    names = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     trainees = {name: Trainee(args, VARIANTS[name], device) for name in names}
-    for t in trainees.values():  # warm-up (and compilation)
+    for name, t in trainees.items():  # warm-up (and compilation)
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             t.step(x, y)
+        progress(f"{name}: warm-up (compilation included) {time.perf_counter() - t0:.1f}s")
     times = {name: {"step": [], "fwd_bwd": []} for name in trainees}
     for _ in range(args.rounds):
         for name, t in trainees.items():
@@ -165,8 +187,10 @@ def run(args) -> dict:
             t.model.zero_grad(set_to_none=True)
             times[name]["step"].append(timed(lambda: t.step(x, y), device))
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in times.items()}
+    progress("median step ms: " + ", ".join(f"{n} {1000 * m['step']:.1f}" for n, m in med.items()))
     if device.type == "cuda":
         memory = {n: peak_step_bytes(t, x, y) for n, t in trainees.items()}
+        progress("peak GiB: " + ", ".join(f"{n} {b / 2**30:.2f}" for n, b in memory.items()))
     else:
         memory = {n: saved_activation_bytes(t, x, y) for n, t in trainees.items()}
     base = med["baseline"]
@@ -187,8 +211,11 @@ def run(args) -> dict:
     fpt = training_flops_per_token(trainees["baseline"].model.cfg)
     out["baseline_tokens_per_s"] = tokens / base["step"]
     peak = peak_flops(out["device"]) if device.type == "cuda" else None
-    if peak:
+    if peak:  # per full step (optimiser included, no accumulation) and per forward+backward
         out["baseline_mfu"] = fpt * out["baseline_tokens_per_s"] / peak
+        out["baseline_mfu_fwd_bwd"] = fpt * tokens / base["fwd_bwd"] / peak
+    if args.profile:
+        write_profile(trainees, x, y, device, args.profile)
     if not args.no_decode and "interleaved_s2" in trainees:
         base_model, lrt_model = trainees["baseline"].model.eval(), trainees["interleaved_s2"].model.eval()
         out["decode_tokens_per_s"], out["decode_ratio"] = {}, {}
@@ -201,6 +228,7 @@ def run(args) -> dict:
             r = {k: statistics.median(v) for k, v in rates.items()}
             out["decode_tokens_per_s"][f"b{b}"] = r
             out["decode_ratio"][f"b{b}"] = r["lrt"] / r["baseline"]
+            progress(f"decode b{b}: {r}")
         out["prefill_parallel_vs_exact"] = prefill_comparison(lrt_model, 8, device)
     return out
 
@@ -222,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--variants", default="interleaved_s2,interleaved_s4,multi_refine_k2",
                    help="comma-separated LRT variants to compare with the baseline")
+    p.add_argument("--profile", default=None, metavar="PATH", help="write a profiler table per variant to PATH")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     out = run(args)
@@ -229,12 +258,13 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0
     print(f"device {out['device']}, torch {out['torch']}, config {out['config']}")
-    print(f"{'variant':<18}{'step ratio':>12}{'fwd+bwd ratio':>15}{'FLOPs ratio':>13}{'memory ratio':>14}")
+    print(f"{'variant':<26}{'step ratio':>12}{'fwd+bwd ratio':>15}{'FLOPs ratio':>13}{'memory ratio':>14}")
     for n in out["step_ratio"]:
-        print(f"{n:<18}{out['step_ratio'][n]:>12.3f}{out['fwd_bwd_ratio'][n]:>15.3f}{out['flops_ratio'][n]:>13.3f}"
+        print(f"{n:<26}{out['step_ratio'][n]:>12.3f}{out['fwd_bwd_ratio'][n]:>15.3f}{out['flops_ratio'][n]:>13.3f}"
               f"{out['memory_ratio'][n]:>14.3f}")
     print(f"baseline step {out['step_ms']['baseline']:.1f} ms, {out['baseline_tokens_per_s']:,.0f} tok/s"
-          + (f", MFU {100 * out['baseline_mfu']:.1f}%" if "baseline_mfu" in out else ""))
+          + (f", MFU {100 * out['baseline_mfu']:.1f}% per step, {100 * out['baseline_mfu_fwd_bwd']:.1f}% "
+             "forward+backward" if "baseline_mfu" in out else ""))
     print(f"memory = {out['memory_kind']}")
     for b, r in out.get("decode_ratio", {}).items():
         tps = out["decode_tokens_per_s"][b]

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .fused_loss import linear_softcap_cross_entropy
 
 VE_GATE_CHANNELS = 32  # nanochat: the value-embedding gate reads the first 32 channels
 
@@ -257,9 +259,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ve, cos, sin, mem_kv, kv, q_pos):
+    def forward(self, x, ve, cos, sin, mem_kv, kv, q_pos, recompute_mlp: bool = False):
         x = x + self.attn(rms_norm(x), ve, cos, sin, mem_kv, kv, self.layer, q_pos)
-        return x + self.mlp(rms_norm(x))
+        if recompute_mlp and torch.is_grad_enabled():
+            return x + checkpoint(self._norm_mlp, x, use_reentrant=False)
+        return x + self._norm_mlp(x)
+
+    def _norm_mlp(self, x):
+        return self.mlp(rms_norm(x))
 
 
 @dataclass
@@ -345,10 +352,12 @@ class GPT(nn.Module):
 
     # -- the one primitive ----------------------------------------------------
 
-    def run(self, idx: torch.Tensor, q_pos: torch.Tensor | None, memory: torch.Tensor | None, kv) -> RunOutput:
+    def run(self, idx: torch.Tensor, q_pos: torch.Tensor | None, memory: torch.Tensor | None, kv,
+            recompute_mlp: bool = False) -> RunOutput:
         """Hidden states for tokens `idx` (B, n) at positions `q_pos` (None:
         0..n-1), with memory (B, n, d) at those positions (None: zero memory),
-        writing K/V into and attending over the store `kv`."""
+        writing K/V into and attending over the store `kv`. `recompute_mlp`:
+        keep no MLP activations for backward (recomputed there)."""
         B, n = idx.shape
         cos, sin = self._rotary(n, q_pos, kv)
         x = x0 = rms_norm(self.wte(idx))
@@ -377,7 +386,7 @@ class GPT(nn.Module):
                 elif self.rec.uses_kv:
                     mem_kv = block.attn.memory_kv(memory, shared_kv)
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, mem_kv, kv, q_pos)
+            x = block(x, ve, cos, sin, mem_kv, kv, q_pos, recompute_mlp)
             if i == self.source_index and i != self.cfg.depth - 1:
                 source = rms_norm(x)
         x = rms_norm(x)
@@ -400,6 +409,11 @@ class GPT(nn.Module):
             z = z.float()  # soft-cap in fp32 (float64 stays float64 for reference runs)
         c = self.cfg.softcap
         return c * torch.tanh(z / c)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Token-mean cross-entropy of `logits(hidden)` (targets < 0 ignored), computed
+        chunk by chunk so the (N, vocab) logits are never kept for backward."""
+        return linear_softcap_cross_entropy(hidden, self.lm_head.weight, targets, self.cfg.softcap)
 
     def forward(self, idx: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
         """One full causal pass (the baseline, or LRT with a given memory)."""

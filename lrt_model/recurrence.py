@@ -22,21 +22,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .model import GPT, BufferKV, KVCache, SelfKV, apply_rotary, rms_norm, shift_memory
 
 
 @dataclass
 class Passes:
-    logits: list  # per pass: (B, n_i, V)
+    model: GPT
+    hidden: list  # per pass: final normed hidden states (B, n_i, d)
     positions: list  # per pass: LongTensor (n_i,) or None for all positions
+
+    @property
+    def logits(self) -> list:
+        """Per pass: (B, n_i, V). Made on demand: training never needs them whole."""
+        return [self.model.logits(h) for h in self.hidden]
 
     def merged(self) -> torch.Tensor:
         """(B, T, V): each position's logits from the last pass that computed it."""
-        out = self.logits[0]
+        all_logits = self.logits
+        out = all_logits[0]
         assert self.positions[0] is None, "pass 0 covers every position"
-        for pos, logits in zip(self.positions[1:], self.logits[1:]):
+        for pos, logits in zip(self.positions[1:], all_logits[1:]):
             out = logits if pos is None else out.index_copy(1, pos, logits)
         return out
 
@@ -45,12 +51,12 @@ def forward_passes(model: GPT, idx: torch.Tensor) -> Passes:
     """The training-time forward of the model's configured strategy."""
     rec = model.rec
     if rec is None:
-        return Passes([model(idx)], [None])
+        return Passes(model, [model.run(idx, None, None, SelfKV(model.cfg.depth)).hidden], [None])
     if rec.strategy == "interleaved":
         return interleaved(model, idx, rec.passes, rec.refresh_kv)
     if rec.strategy == "multi_refine":
         return multi_refine(model, idx, rec.passes, rec.detach)
-    return Passes([sequential_logits(model, idx)], [None])
+    return Passes(model, [sequential_hidden(model, idx)], [None])
 
 
 def pass_weights(model: GPT, n_passes: int) -> list[float]:
@@ -67,11 +73,11 @@ def training_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple
     """Weighted mean over passes of each pass's token-mean cross-entropy
     (targets < 0 are ignored)."""
     passes = forward_passes(model, idx)
-    weights = pass_weights(model, len(passes.logits))
+    weights = pass_weights(model, len(passes.hidden))
     loss = 0.0
-    for w, pos, logits in zip(weights, passes.positions, passes.logits):
+    for w, pos, hidden in zip(weights, passes.positions, passes.hidden):
         tgt = targets if pos is None else targets[:, pos]
-        loss = loss + w * F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-1)
+        loss = loss + w * model.loss(hidden, tgt)
     return loss, passes
 
 
@@ -84,7 +90,7 @@ def interleaved(model: GPT, idx: torch.Tensor, S: int, refresh: bool = False) ->
     refresh = refresh and model.rec.uses_kv
     store = SelfKV(depth, capture=True, keep_raw=refresh)
     out = model.run(idx, None, None, store)
-    logits, positions = [model.logits(out.hidden)], [None]
+    hidden, positions = [out.hidden], [None]
     keys, values, source = store.k, store.v, out.source
     for i in range(1, S + 1):
         pos = torch.arange(i - 1, T, S, device=idx.device)
@@ -96,12 +102,12 @@ def interleaved(model: GPT, idx: torch.Tensor, S: int, refresh: bool = False) ->
             unvisited = torch.arange(T, device=idx.device) % S >= i
             keys, values = _refresh_kv(model, store, keys, values, memory, unvisited)
         buf = BufferKV(keys, values, pattern=(i - 1, S))
-        step = model.run(idx[:, pos], pos, memory[:, pos], buf)
+        step = model.run(idx[:, pos], pos, memory[:, pos], buf, model.rec.recompute_mlp)
         keys, values = buf.k, buf.v
         source = source.index_copy(1, pos, step.source)
-        logits.append(model.logits(step.hidden))
+        hidden.append(step.hidden)
         positions.append(pos)
-    return Passes(logits, positions)
+    return Passes(model, hidden, positions)
 
 
 def _refresh_kv(model: GPT, store: SelfKV, keys, values, memory, unvisited):
@@ -123,26 +129,31 @@ def _refresh_kv(model: GPT, store: SelfKV, keys, values, memory, unvisited):
 
 
 def multi_refine(model: GPT, idx: torch.Tensor, K: int, detach: bool = False) -> Passes:
-    logits, positions, memory = [], [], None
-    for _ in range(K + 1):
-        out = model.run(idx, None, memory, SelfKV(model.cfg.depth))
-        logits.append(model.logits(out.hidden))
+    hidden, positions, memory = [], [], None
+    for k in range(K + 1):
+        out = model.run(idx, None, memory, SelfKV(model.cfg.depth), k > 0 and model.rec.recompute_mlp)
+        hidden.append(out.hidden)
         positions.append(None)
         source = out.source.detach() if detach else out.source
         memory = shift_memory(source)
-    return Passes(logits, positions)
+    return Passes(model, hidden, positions)
 
 
 def sequential_logits(model: GPT, idx: torch.Tensor, chunk_cache: KVCache | None = None) -> torch.Tensor:
     """Exact recurrence: one token at a time through a KV cache, carrying the
     source state from each token to the next. Returns (B, T, V)."""
+    return model.logits(sequential_hidden(model, idx, chunk_cache))
+
+
+def sequential_hidden(model: GPT, idx: torch.Tensor, chunk_cache: KVCache | None = None) -> torch.Tensor:
+    """The exact recurrence's final hidden states (B, T, d)."""
     B, T = idx.shape
     cache = chunk_cache or KVCache(model.cfg, B, T)
     memory, outs = None, []
     for t in range(T):
         pos = torch.tensor([t], device=idx.device)
         out = model.run(idx[:, t : t + 1], pos, memory, cache)
-        outs.append(model.logits(out.hidden))
+        outs.append(out.hidden)
         if model.rec is not None:
             memory = out.source
     return torch.cat(outs, dim=1)

@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refresh-kv", action="store_true")
     r.add_argument("--detach", action="store_true")
     r.add_argument("--loss-weights", type=float, nargs="+", default=None)
+    r.add_argument("--recompute-mlp", action="store_true",
+                   help="passes after pass 0 recompute their MLP activations in backward (less memory, ~5%% more compute)")
     t = p.add_argument_group("training")
     t.add_argument("--corpus", default="stdlib")
     t.add_argument("--tokenizer", default="byte")
@@ -394,6 +396,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             source_layer=args.source_layer, injection=args.injection, projection=args.projection,
             gates=not args.no_gates, gamma_init=args.gamma_init, strategy=args.strategy, passes=args.passes,
             refresh_kv=args.refresh_kv, detach=args.detach, loss_weights=args.loss_weights,
+            recompute_mlp=args.recompute_mlp,
         )
     model = ModelConfig(depth=args.depth, width=args.width, head_dim=args.head_dim, n_kv_head=args.n_kv_head,
                         seq_len=args.seq_len, value_embeds=args.value_embeds, recurrence=rec)

@@ -128,6 +128,7 @@ class ArmSpec(_Strict):
     refresh_kv: bool | None = None
     detach: bool | None = None
     loss_weights: list[float] | None = None
+    recompute_mlp: bool | None = None
 
     @field_validator("name")
     @classmethod

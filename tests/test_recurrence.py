@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from lrt_model.config import ModelConfig, RecurrenceConfig
+from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
 from lrt_model.decode import generate
 from lrt_model.model import GPT
 from lrt_model.recurrence import (
@@ -119,8 +119,8 @@ def test_gradients_reach_pass_zero_through_buffer_and_memory(monkeypatch):
 
     real_run = model.run
 
-    def recording_run(idx, q_pos, memory, kv):
-        out = real_run(idx, q_pos, memory, kv)
+    def recording_run(idx, q_pos, memory, kv, *rest):
+        out = real_run(idx, q_pos, memory, kv, *rest)
         if "source" not in captured:  # pass 0
             out.source.retain_grad()
             captured["source"] = out.source
@@ -198,3 +198,42 @@ def test_parallel_prefill_is_exact_with_enough_refinements():
     assert (exact - rough).abs().max() > 1e-6  # an approximation below n-1 refinements
     for layer in range(model.cfg.depth):
         assert (c1.k[layer] - c2.k[layer]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["interleaved", "multi_refine"])
+def test_recompute_mlp_changes_memory_not_the_numbers(strategy):
+    """Recomputing the later passes' MLP activations gives the same loss and gradients
+    (fp64) and keeps fewer bytes for backward."""
+    torch.manual_seed(0)
+    models = []
+    for recompute in (False, True):
+        cfg = ModelConfig(depth=2, width=32, head_dim=16, seq_len=16, vocab_size=50,
+                          recurrence=RecurrenceConfig(strategy=strategy, passes=2, recompute_mlp=recompute))
+        torch.manual_seed(0)
+        m = GPT(cfg).double()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        models.append(m)
+    idx = torch.randint(0, 50, (2, 16))
+    results = []
+    for m in models:
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = training_loss(m, idx, idx)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in m.parameters()], sum(saved.values())))
+    (l0, g0, b0), (l1, g1, b1) = results
+    assert abs(l0 - l1) < 1e-12
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(g0, g1))
+    assert b1 < 0.9 * b0
+
+
+def test_recompute_mlp_is_refused_for_sequential():
+    with pytest.raises(ConfigError, match="recompute_mlp only applies"):
+        RecurrenceConfig(strategy="sequential", recompute_mlp=True).validate(4)

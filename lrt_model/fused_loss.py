@@ -1,0 +1,79 @@
+"""Cross-entropy of the soft-capped LM head without materialising the logits.
+
+Design choices:
+- The plain path, `cross_entropy(c * tanh((h @ W^T) / c), y)`, keeps (N, V)
+  fp32 logits alive for backward (several copies in eager mode): at a 32k
+  vocabulary that is the largest tensor of a training step, and LRT has one
+  per pass. Here the rows are processed in chunks, and each chunk's gradients
+  with respect to the hidden states and the head's weight are computed in the
+  forward itself (the loss is a scalar, so backward only rescales them). What
+  stays alive for backward is one (N, d) and one (V, d) tensor.
+- Same FLOPs as the plain path (the gradient matmuls move from backward to
+  forward), no recomputation.
+- Matmuls run in `compute_dtype` (bf16 under autocast), the soft-cap, softmax
+  and weight-gradient accumulation in fp32 (float64 stays float64 for
+  reference tests): the same precision the autocast path gives.
+- Targets < 0 are ignored; the loss is the mean over the other rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements per chunk of logits (x 4 bytes, a few temporaries): ~256 MB at fp32.
+CHUNK_ELEMENTS = 2**26
+
+
+class _LinearSoftcapCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap: float, compute_dtype, chunk_rows: int):
+        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        w = weight.to(compute_dtype)
+        need_w = ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        valid = targets >= 0
+        count = valid.sum().clamp(min=1).to(acc_dtype)
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows].to(compute_dtype)
+            y = targets[start : start + chunk_rows]
+            ok = valid[start : start + chunk_rows].to(acc_dtype)
+            capped = torch.tanh((h @ w.t()).to(acc_dtype) / softcap)
+            logits = softcap * capped
+            lse = torch.logsumexp(logits, dim=-1)
+            y_safe = y.clamp(min=0)[:, None]
+            total = total + ((lse - logits.gather(1, y_safe).squeeze(1)) * ok).sum()
+            # d loss / d logits = (softmax - onehot) * ok / count, then through the soft-cap
+            g = torch.exp(logits - lse[:, None])
+            g.scatter_add_(1, y_safe, torch.full_like(lse[:, None], -1.0))
+            g.mul_((ok / count)[:, None]).mul_(1 - capped * capped)
+            g = g.to(compute_dtype)
+            grad_h[start : start + chunk_rows] = (g @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.t() @ h).to(acc_dtype)
+        ctx.save_for_backward(grad_h, grad_w if need_w else None)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h * grad_loss.to(grad_h.dtype), gw, None, None, None, None
+
+
+def linear_softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 softcap: float, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Mean cross-entropy of softcap*tanh((hidden @ weight.T)/softcap) against targets
+    (rows with target < 0 ignored). hidden (..., d), targets (...) of the same leading shape."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden rows but {targets.shape[0]} targets")
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    if hidden.dtype == torch.float64:
+        compute_dtype = torch.float64
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    return _LinearSoftcapCE.apply(hidden, weight, targets, float(softcap), compute_dtype, chunk_rows)
