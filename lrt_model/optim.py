@@ -63,7 +63,8 @@ def build_optimizers(model: GPT, cfg: OptimConfig, batch_tokens: int) -> list[to
         if params:
             lr = adam_lrs[kind] * width_scale * batch_scale
             groups.append({"params": params, "lr": lr, "initial_lr": lr, "kind": kind})
-    adamw = torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-10, weight_decay=0.0)
+    on_cuda = next(model.parameters()).is_cuda  # one fused kernel for all AdamW tensors there
+    adamw = torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-10, weight_decay=0.0, fused=on_cuda or None)
     optimizers = [adamw]
     if muon_params:
         lr = cfg.matrix_lr * batch_scale
