@@ -7,7 +7,8 @@ Design choices:
   on a busy 2-core box. Absolute times are printed for context only.
 - step = forward + backward + optimiser step (Muon + AdamW as in training);
   fwd_bwd = forward + backward only.
-- Memory: on CUDA the peak allocated bytes of one training step; on the CPU
+- Memory: on CUDA the peak allocated bytes of one training step (the variant's
+  own weights and optimiser states plus the step's rise); on the CPU
   (no allocator statistics) the bytes of tensors saved for backward, the
   activation memory that dominates a step's footprint.
 - Decode: steady-state tokens/s of `generate` (exact recurrence for LRT)
@@ -112,11 +113,20 @@ def saved_activation_bytes(trainee: Trainee, x, y) -> int:
 
 
 def peak_step_bytes(trainee: Trainee, x, y) -> int:
+    """One training step's peak device memory for this variant alone: the step's rise
+    above what was allocated before it (activations, gradients, temporaries) plus the
+    variant's own resident weights and optimiser states. The other variants' models,
+    also resident in this process, are left out, so they cannot dilute the ratios."""
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     trainee.step(x, y)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    own = sum(p.nbytes for p in trainee.model.parameters()) + sum(
+        t.nbytes for o in trainee.opts for state in o.state.values() for t in state.values() if torch.is_tensor(t))
+    own += sum(b.nbytes for b in trainee.model.buffers())
+    return torch.cuda.max_memory_allocated() - before + own
 
 
 def decode_tokens_per_s(model: GPT, batch: int, prompt_len: int, new_tokens: int, device) -> float:
