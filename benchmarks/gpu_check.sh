@@ -20,13 +20,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.csv"
 git rev-parse HEAD >> "$OUT/gpu.csv" 2>/dev/null
 
+# Sized from the H100 run at 1e3115c (docs/PERFORMANCE.md): 480 s of stages in all.
 # Small, eager: every variant (S=4 included), decode at batch 1/8/32.
-stage bench_small 75 $PY -m benchmarks.lrt --device cuda --json --depth 6 --head-dim 64 --width 384 \
-  --seq-len 1024 --batch 16 --vocab 32768 --rounds 8 --warmup 2 --decode-tokens 128 --decode-rounds 3 \
+stage bench_small 90 $PY -m benchmarks.lrt --device cuda --json --depth 6 --head-dim 64 --width 384 \
+  --seq-len 1024 --batch 16 --vocab 32768 --rounds 6 --warmup 2 --decode-tokens 128 --decode-rounds 2 \
   --variants interleaved_s2,interleaved_s4,multi_refine_k2,interleaved_s2_recompute
-stage tests 110 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_loss.py
-# Depth 12 at its natural width (768), seq 2048, bf16, compiled: MFU, ratios, memory, decode.
-stage bench_medium_compiled 290 $PY -m benchmarks.lrt --device cuda --json --compile --depth 12 --head-dim 128 \
-  --seq-len 2048 --batch 16 --vocab 32768 --rounds 5 --warmup 2 --decode-tokens 64 --decode-rounds 2 \
-  --variants interleaved_s2,multi_refine_k2,interleaved_s2_recompute --profile "$OUT/profile.txt"
+stage tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_fused_loss.py tests/test_gpu.py
+# Depth 12 at its natural width (768), seq 2048, bf16, compiled: MFU, S=2 ratio and memory, profile.
+stage bench_medium_compiled 200 $PY -m benchmarks.lrt --device cuda --json --compile --depth 12 --head-dim 128 \
+  --seq-len 2048 --batch 16 --vocab 32768 --rounds 5 --warmup 2 --no-decode \
+  --variants interleaved_s2 --profile "$OUT/profile.txt"
+# The same size eager: every interleaved variant's step and memory ratio.
+stage bench_medium_eager 70 $PY -m benchmarks.lrt --device cuda --json --depth 12 --head-dim 128 \
+  --seq-len 2048 --batch 16 --vocab 32768 --rounds 3 --warmup 1 --no-decode \
+  --variants interleaved_s2,interleaved_s4,interleaved_s2_recompute
 echo "== done; files in $OUT"
