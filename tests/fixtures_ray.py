@@ -7,9 +7,9 @@ Design choices:
   cluster someone else started on this machine.
 - No dashboard (not needed in process, seconds to start) and a small object
   store: test trials only ship configs.
-- The environment (LRT_CACHE from conftest, MLFLOW_* set by tests) is
-  inherited by Ray's worker processes when the cluster starts, so the
-  autouse cache fixture runs first.
+- The environment (LRT_CACHE from conftest, MLFLOW_* set by tests, the moto
+  S3 endpoint and its credentials) is inherited by Ray's worker processes when
+  the cluster starts, so those fixtures run first.
 - The job-submission test starts its own `ray start --head` cluster instead;
   it does not use this fixture.
 
@@ -18,14 +18,18 @@ Example:
         assert ray_cluster["CPU"] == 2
 """
 
+import importlib.util
 import os
 
 import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(_isolated_cache):
+def ray_cluster(_isolated_cache, request):
     import ray
+
+    if importlib.util.find_spec("moto"):  # S3 endpoint and credentials in the env before the workers start
+        request.getfixturevalue("s3_endpoint")
 
     if ray.is_initialized():  # someone (a plugin, an earlier fixture) already started one: share it
         yield ray.cluster_resources()
