@@ -215,11 +215,12 @@ class Attention(nn.Module):
             mv = mv * self.mem_gate_v[:, None]
         return mk, mv
 
-    def raw_kv(self, x: torch.Tensor, ve):
-        """Pre-norm K and V without memory: (B, n, H_kv, D) each."""
+    def raw_kv(self, x: torch.Tensor, ve, mem_kv=None):
+        """Pre-norm K and V, each (B, n, H_kv, D), plus the memory's (k, v) when given
+        (added by the projection's own matmul: one kernel, not two)."""
         B, n, _ = x.shape
-        k = self.c_k(x).view(B, n, self.n_kv, self.head_dim)
-        v = self.c_v(x).view(B, n, self.n_kv, self.head_dim)
+        k = _linear_plus(self.c_k, x, None if mem_kv is None else mem_kv[0]).view(B, n, self.n_kv, self.head_dim)
+        v = _linear_plus(self.c_v, x, None if mem_kv is None else mem_kv[1]).view(B, n, self.n_kv, self.head_dim)
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, n, self.n_kv, self.head_dim)
@@ -228,11 +229,10 @@ class Attention(nn.Module):
     def forward(self, x, ve, cos, sin, mem_kv, kv, layer: int, q_pos):
         B, n, _ = x.shape
         q = self.c_q(x).view(B, n, self.n_head, self.head_dim)
-        k, v = self.raw_kv(x, ve)
+        k, v = self.raw_kv(x, ve, mem_kv)
         if isinstance(kv, SelfKV) and kv.keep_raw:
+            assert mem_kv is None, "raw (memory-free) K/V are kept by pass 0, which has no memory"
             kv.raw_k[layer], kv.raw_v[layer] = k, v
-        if mem_kv is not None:
-            k, v = k + mem_kv[0], v + mem_kv[1]
         dt = q.dtype  # the matmul dtype (bf16 under autocast): fp32 gates/embeddings must not promote K/V
         q = apply_rotary(rms_norm(q), cos, sin).to(dt).transpose(1, 2)
         k = apply_rotary(rms_norm(k), cos, sin).to(dt).transpose(1, 2)
@@ -240,6 +240,14 @@ class Attention(nn.Module):
         keys, values, mask = kv.write(layer, k, v, q_pos)
         y = attention(q, keys, values, mask, self.n_head != self.n_kv)
         return self.c_proj(y.transpose(1, 2).reshape(B, n, -1))
+
+
+def _linear_plus(lin: nn.Linear, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """lin(x) + extra (any shape with the same elements as lin's output) as one addmm."""
+    if extra is None:
+        return lin(x)
+    B, n, _ = x.shape
+    return torch.addmm(extra.reshape(B * n, -1), x.reshape(B * n, -1), lin.weight.t()).view(B, n, -1)
 
 
 class MLP(nn.Module):
@@ -363,24 +371,28 @@ class GPT(nn.Module):
         x = x0 = rms_norm(self.wte(idx))
         shared_kv = self.shared_memory_kv(memory) if memory is not None else None
         # A decode step is bound by per-op overhead, not arithmetic: there, every layer's
-        # residual and gated-K/V memory terms are made in one op each, up front.
-        batched = memory is not None and n == 1 and not torch.is_grad_enabled()
-        residual_all = kv_all = None
-        if batched and self.gamma is not None:
-            residual_all = self.gamma.view(-1, 1, 1, 1) * memory
-        if batched and shared_kv is not None and self.blocks[0].attn.mem_gate_k is not None:
+        # x0 term (with the residual memory folded in) and gated-K/V memory terms are made
+        # in one op each, up front, and each layer's residual mix is a single addcmul.
+        decode_step = n == 1 and not torch.is_grad_enabled()
+        x0_terms = kv_all = None
+        if decode_step:
+            x0_terms = self.x0_lambdas.view(-1, 1, 1, 1) * x0
+            if memory is not None and self.gamma is not None:
+                x0_terms = torch.addcmul(x0_terms, self.gamma.view(-1, 1, 1, 1), memory)
+        if decode_step and shared_kv is not None and self.blocks[0].attn.mem_gate_k is not None:
             gk = torch.stack([b.attn.mem_gate_k for b in self.blocks]).view(-1, 1, 1, self.cfg.kv_heads, 1)
             gv = torch.stack([b.attn.mem_gate_v for b in self.blocks]).view(-1, 1, 1, self.cfg.kv_heads, 1)
             kv_all = (shared_kv[0] * gk, shared_kv[1] * gv)
         source = None
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if x0_terms is not None:
+                x = torch.addcmul(x0_terms[i], x, self.resid_lambdas[i])
+            else:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+                if memory is not None and self.gamma is not None:
+                    x = x + self.gamma[i] * memory
             mem_kv = None
             if memory is not None:
-                if residual_all is not None:
-                    x = x + residual_all[i]
-                elif self.gamma is not None:
-                    x = x + self.gamma[i] * memory
                 if kv_all is not None:
                     mem_kv = (kv_all[0][i], kv_all[1][i])
                 elif self.rec.uses_kv:
