@@ -22,16 +22,18 @@ git rev-parse HEAD >> "$OUT/gpu.csv" 2>/dev/null
 
 # Sized from the H100 run at 1e3115c (docs/PERFORMANCE.md): 480 s of stages in all.
 # Small, eager: every variant (S=4 included), decode at batch 1/8/32.
-stage bench_small 90 $PY -m benchmarks.lrt --device cuda --json --depth 6 --head-dim 64 --width 384 \
+stage bench_small 80 $PY -m benchmarks.lrt --device cuda --json --depth 6 --head-dim 64 --width 384 \
   --seq-len 1024 --batch 16 --vocab 32768 --rounds 6 --warmup 2 --decode-tokens 128 --decode-rounds 2 \
   --variants interleaved_s2,interleaved_s4,multi_refine_k2,interleaved_s2_recompute
-stage tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_fused_loss.py tests/test_gpu.py
+stage tests 110 $PY -m pytest -q -p no:cacheprovider tests/test_fused_loss.py tests/test_gpu.py
 # Depth 12 at its natural width (768), seq 2048, bf16, compiled: MFU, S=2 ratio and memory, profile.
 stage bench_medium_compiled 200 $PY -m benchmarks.lrt --device cuda --json --compile --depth 12 --head-dim 128 \
   --seq-len 2048 --batch 16 --vocab 32768 --rounds 5 --warmup 2 --no-decode \
   --variants interleaved_s2 --profile "$OUT/profile.txt"
 # The same size eager: every interleaved variant's step and memory ratio.
-stage bench_medium_eager 70 $PY -m benchmarks.lrt --device cuda --json --depth 12 --head-dim 128 \
+stage bench_medium_eager 60 $PY -m benchmarks.lrt --device cuda --json --depth 12 --head-dim 128 \
   --seq-len 2048 --batch 16 --vocab 32768 --rounds 3 --warmup 1 --no-decode \
   --variants interleaved_s2,interleaved_s4,interleaved_s2_recompute
+# The chunked loss vs the plain cross-entropy at the depth-12 step's size: time and peak memory.
+stage bench_loss 30 $PY -m benchmarks.loss --device cuda --rows 32768 --width 768 --vocab 32768
 echo "== done; files in $OUT"
