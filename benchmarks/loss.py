@@ -2,7 +2,8 @@
 
 Times forward + backward of `linear_softcap_cross_entropy` and of
 `F.cross_entropy(c * tanh((h @ W^T) / c), y)` in interleaved rounds (median of
-each), and on CUDA the peak memory of each. Needs only torch.
+each), and on CUDA the peak memory each adds above the resident inputs. Needs
+only torch.
 
     python -m benchmarks.loss                      # CPU: 2048 rows, width 256, vocab 4096 and 32768
     python -m benchmarks.loss --device cuda --rows 32768 --width 768 --vocab 32768
@@ -59,11 +60,12 @@ def main(argv=None) -> None:
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                    resident = torch.cuda.memory_allocated()  # h, w, y: the same for both
                 t0 = time.perf_counter()
                 fn()
                 if cuda:
                     torch.cuda.synchronize()
-                    peak[name] = torch.cuda.max_memory_allocated()
+                    peak[name] = torch.cuda.max_memory_allocated() - resident
                 times[name].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         line = (f"rows {args.rows} width {args.width} vocab {V}: plain {1000 * med['plain']:.1f} ms, "

@@ -13,7 +13,11 @@ Design choices:
 - Matmuls run in `compute_dtype` (bf16 under autocast), the soft-cap, softmax
   and weight-gradient accumulation in fp32 (float64 stays float64 for
   reference tests): the same precision the autocast path gives.
-- Targets < 0 are ignored; the loss is the mean over the other rows.
+- Targets < 0 are ignored; the loss is the mean over the other rows (0 when
+  every row is ignored, where plain cross-entropy gives NaN).
+- Without autograd (evaluation) only the loss is computed, chunk by chunk.
+- bf16 or fp32 only: under fp16 autocast the per-row gradients (scaled by
+  1/rows before any loss scaler sees them) would underflow.
 - On CUDA the chunk's arithmetic is one compiled function (soft-cap, softmax and
   gradient in fused kernels), compiled once and called per chunk. The chunk loop
   itself stays outside any caller's `torch.compile` graph: unrolled there, it
@@ -24,6 +28,8 @@ Design choices:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Elements per chunk of logits (x 4 bytes, a few temporaries): ~256 MB at fp32.
 CHUNK_ELEMENTS = 2**26
@@ -55,7 +61,9 @@ def _chunk_fn(device_type: str):
     if device_type not in COMPILE_CHUNKS_ON:
         return _chunk_step
     if _compiled_chunk_step is None:
-        _compiled_chunk_step = torch.compile(_chunk_step, dynamic=False)
+        # default dynamism: a second row count (S not dividing T, a ragged last chunk)
+        # recompiles once with a dynamic row dimension instead of once per shape
+        _compiled_chunk_step = torch.compile(_chunk_step)
     return _compiled_chunk_step
 
 
@@ -84,6 +92,7 @@ class _LinearSoftcapCE(torch.autograd.Function):
         return total / count
 
     @staticmethod
+    @once_differentiable  # the gradients were made in forward: no double backward through them
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
@@ -103,5 +112,21 @@ def linear_softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     if hidden.dtype == torch.float64:
         compute_dtype = torch.float64
+    if compute_dtype == torch.float16:
+        raise ValueError("the chunked loss does not support float16 (its gradients would underflow before "
+                         "loss scaling); train in bfloat16 or float32")
     chunk_rows = max(1, chunk_elements // weight.shape[0])
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _loss_only(hidden, weight, targets, float(softcap), compute_dtype, chunk_rows)
     return _LinearSoftcapCE.apply(hidden, weight, targets, float(softcap), compute_dtype, chunk_rows)
+
+
+def _loss_only(hidden, weight, targets, softcap: float, compute_dtype, chunk_rows: int) -> torch.Tensor:
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w = weight.to(compute_dtype)
+    total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        z = (hidden[start : start + chunk_rows].to(compute_dtype) @ w.t()).to(acc_dtype)
+        logits = softcap * torch.tanh(z / softcap)
+        total = total + F.cross_entropy(logits, targets[start : start + chunk_rows], ignore_index=-1, reduction="sum")
+    return total / (targets >= 0).sum().clamp(min=1).to(acc_dtype)

@@ -246,6 +246,7 @@ def _linear_plus(lin: nn.Linear, x: torch.Tensor, extra: torch.Tensor | None) ->
     """lin(x) + extra (any shape with the same elements as lin's output) as one addmm."""
     if extra is None:
         return lin(x)
+    assert lin.bias is None, "the backbone's projections have no bias"
     B, n, _ = x.shape
     return torch.addmm(extra.reshape(B * n, -1), x.reshape(B * n, -1), lin.weight.t()).view(B, n, -1)
 

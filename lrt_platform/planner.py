@@ -262,6 +262,7 @@ def apply_search_params(spec: Spec, params: dict) -> tuple[ModelConfig, OptimCon
         rec["loss_weights"] = [1.0] * rec["passes"] + [float(final_weight)]
     if rec["strategy"] == "sequential":
         rec["loss_weights"] = None  # only the parallel strategies have per-pass losses
+        rec["recompute_mlp"] = False  # ... and passes after pass 0 to recompute
     base = spec.model_config_for(spec.depths[0], RecurrenceConfig(**rec))
     return dataclasses.replace(base, **model), OptimConfig(**optim)
 

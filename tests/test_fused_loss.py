@@ -90,3 +90,38 @@ def test_compiled_chunk_step_equals_eager(monkeypatch):
     assert fl._compiled_chunk_step is not None  # the compiled path really ran
     assert abs(compiled.item() - eager.item()) < 1e-12
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(got, ref))
+
+
+def test_bf16_autocast_matches_the_plain_path():
+    """Under bf16 autocast the matmuls run in bf16 (as the plain autocast path does): same
+    loss and gradients to bf16 accuracy, against the fp64 reference."""
+    torch.manual_seed(3)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (0.3 * torch.randn(100, 32)).requires_grad_()
+    y = torch.randint(0, 100, (64,))
+    ref = plain_loss(h.double(), w.double(), y, 15.0)
+    ref_g = torch.autograd.grad(ref, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_softcap_cross_entropy(h, w, y, 15.0, chunk_elements=16 * 100)
+    got_g = torch.autograd.grad(got, (h, w))
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) / ref.item() < 1e-2
+    for g, r in zip(got_g, ref_g):
+        assert g.dtype == torch.float32
+        assert (g.double() - r).norm() / r.norm() < 2e-2
+
+
+def test_without_autograd_only_the_loss_is_computed():
+    torch.manual_seed(4)
+    h, w = torch.randn(30, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    y = torch.randint(0, 20, (30,))
+    y[0] = -1
+    with torch.no_grad():
+        got = linear_softcap_cross_entropy(h, w, y, 15.0, chunk_elements=7 * 20)
+    assert abs(got.item() - plain_loss(h, w, y, 15.0).item()) < 1e-12 and not got.requires_grad
+
+
+def test_float16_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        linear_softcap_cross_entropy(torch.randn(4, 8, dtype=torch.float16), torch.randn(10, 8, dtype=torch.float16),
+                                     torch.zeros(4, dtype=torch.long), 15.0)
