@@ -21,8 +21,8 @@ Design choices:
 - On CUDA the chunk's arithmetic is one compiled function (soft-cap, softmax and
   gradient in fused kernels), compiled once and called per chunk. The chunk loop
   itself stays outside any caller's `torch.compile` graph: unrolled there, it
-  made compiling an LRT training step take minutes (32 chunk copies at depth 12,
-  seq 2048, batch 16). On the CPU the chunk runs eagerly (no compiler start-up).
+  adds 32 chunk copies to an LRT step's graph at depth 12, seq 2048, batch 16
+  (an H100 run did not finish compiling such a step in 250 s). On the CPU the chunk runs eagerly (no compiler start-up).
 """
 
 from __future__ import annotations
@@ -36,10 +36,15 @@ CHUNK_ELEMENTS = 2**26
 COMPILE_CHUNKS_ON = ("cuda",)  # device types whose chunk step is compiled (tests add "cpu")
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and gradient accumulation: fp32, or fp64 for float64 reference runs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunk_step(h, w, y, ok, count, softcap: float):
     """One chunk: (summed loss, d loss/d h, d loss/d w) in h's dtype / the accumulation dtype.
     In-place where it can: eagerly (the CPU) every pass over the (rows, vocab) block counts."""
-    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(h.dtype)
     capped = (h @ w.t()).to(acc_dtype).div_(softcap).tanh_()
     logits = capped * softcap
     lse = torch.logsumexp(logits, dim=-1)
@@ -70,7 +75,7 @@ def _chunk_fn(device_type: str):
 class _LinearSoftcapCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap: float, compute_dtype, chunk_rows: int):
-        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc_dtype = _acc_dtype(hidden.dtype)
         w = weight.to(compute_dtype)
         need_w = ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden)
@@ -122,7 +127,7 @@ def linear_softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
 
 
 def _loss_only(hidden, weight, targets, softcap: float, compute_dtype, chunk_rows: int) -> torch.Tensor:
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = _acc_dtype(hidden.dtype)
     w = weight.to(compute_dtype)
     total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):

@@ -19,7 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +28,7 @@ from .model import GPT, BufferKV, KVCache, SelfKV, apply_rotary, rms_norm, shift
 
 @dataclass
 class Passes:
-    model: GPT
+    model: GPT = field(repr=False)
     hidden: list  # per pass: final normed hidden states (B, n_i, d)
     positions: list  # per pass: LongTensor (n_i,) or None for all positions
 
