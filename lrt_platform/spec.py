@@ -214,6 +214,7 @@ class OptimSpec(_Strict):
     warmup_frac: float | None = Field(None, ge=0, le=1)
     warmdown_frac: float | None = Field(None, ge=0, le=1)
     final_lr_frac: float | None = Field(None, ge=0, le=1)
+    muon: Literal["auto", "batched", "torch"] | None = None  # an implementation choice, the same update: not searchable
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -406,7 +407,7 @@ class Spec(_Strict):
 
 
 def search_fields() -> list[str]:
-    optim = [f"optim.{f}" for f in OptimConfig.__dataclass_fields__ if f != "adam_betas"]
+    optim = [f"optim.{f}" for f in OptimConfig.__dataclass_fields__ if f not in ("adam_betas", "muon")]
     return [f"recurrence.{f}" for f in RECURRENCE_FIELDS] + [FINAL_WEIGHT] + \
         [f"model.{f}" for f in MODEL_SEARCH_FIELDS] + optim
 
