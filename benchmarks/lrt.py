@@ -12,7 +12,8 @@ Design choices:
   (no allocator statistics) the bytes of tensors saved for backward, the
   activation memory that dominates a step's footprint.
 - Decode: steady-state tokens/s of `generate` (exact recurrence for LRT)
-  after a short prompt, prefill excluded, at batch 1 and 8 (and 32 on CUDA).
+  after a short prompt, prefill excluded, at batch 1 and 8 (and 32 on CUDA),
+  for each `--decode-modes` entry (auto: a CUDA graph on CUDA, eager on CPU).
 - Needs only torch: runs on a GPU box without ray/mlflow/optuna.
 
 Example:
@@ -31,7 +32,7 @@ import time
 import torch
 
 from lrt_model.config import ModelConfig, RecurrenceConfig
-from lrt_model.decode import generate, prefill
+from lrt_model.decode import DECODE_MODES, generate, prefill
 from lrt_model.model import KVCache
 from lrt_model.flops import training_flops_per_token
 from lrt_model.model import GPT
@@ -65,7 +66,7 @@ class Trainee:
 
     def __init__(self, args, rec, device):
         self.model = build(args, rec, device)
-        self.opts = build_optimizers(self.model, OptimConfig(), args.batch * args.seq_len)
+        self.opts = build_optimizers(self.model, OptimConfig(muon=args.muon), args.batch * args.seq_len)
         self.loss_fn = lambda x, y: training_loss(self.model, x, y)[0]
         if args.compile:
             self.loss_fn = torch.compile(self.loss_fn)
@@ -129,15 +130,16 @@ def peak_step_bytes(trainee: Trainee, x, y) -> int:
     return torch.cuda.max_memory_allocated() - before + own
 
 
-def decode_tokens_per_s(model: GPT, batch: int, prompt_len: int, new_tokens: int, device) -> float:
+def decode_tokens_per_s(model: GPT, batch: int, prompt_len: int, new_tokens: int, device, mode: str) -> float:
     """Steady-state decoding: generate(N) minus generate(1), so the prompt's prefill (one
-    chunk for the baseline, one exact step per token for LRT) is left out of the rate."""
+    chunk for the baseline, one exact step per token for LRT) and a CUDA graph's capture
+    are left out of the rate."""
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        generate(model, prompt, 4, temperature=0)  # warm-up
-        full = timed(lambda: generate(model, prompt, new_tokens, temperature=0), device)
-        prefill_only = timed(lambda: generate(model, prompt, 1, temperature=0), device)
+        generate(model, prompt, 4, temperature=0, decode=mode)  # warm-up
+        full = timed(lambda: generate(model, prompt, new_tokens, temperature=0, decode=mode), device)
+        prefill_only = timed(lambda: generate(model, prompt, 1, temperature=0, decode=mode), device)
     return batch * (new_tokens - 1) / max(full - prefill_only, 1e-9)
 
 
@@ -208,7 +210,8 @@ def run(args) -> dict:
     out = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "config": {k: getattr(args, k) for k in ("depth", "width", "head_dim", "seq_len", "batch", "vocab", "compile")},
+        "config": {k: getattr(args, k) for k in ("depth", "width", "head_dim", "seq_len", "batch", "vocab", "compile",
+                                                 "muon")},
         "step_ratio": {n: med[n]["step"] / base["step"] for n in lrt_names},
         "fwd_bwd_ratio": {n: med[n]["fwd_bwd"] / base["fwd_bwd"] for n in lrt_names},
         "flops_ratio": {n: training_flops_per_token(trainees[n].model.cfg) / training_flops_per_token(trainees["baseline"].model.cfg) for n in lrt_names},
@@ -230,15 +233,16 @@ def run(args) -> dict:
         base_model, lrt_model = trainees["baseline"].model.eval(), trainees["interleaved_s2"].model.eval()
         out["decode_tokens_per_s"], out["decode_ratio"] = {}, {}
         batches = (1, 8, 32) if device.type == "cuda" else (1, 8)
-        for b in batches:
-            rates = {"baseline": [], "lrt": []}
-            for _ in range(args.decode_rounds):  # interleaved rounds, median
-                rates["baseline"].append(decode_tokens_per_s(base_model, b, 16, args.decode_tokens, device))
-                rates["lrt"].append(decode_tokens_per_s(lrt_model, b, 16, args.decode_tokens, device))
-            r = {k: statistics.median(v) for k, v in rates.items()}
-            out["decode_tokens_per_s"][f"b{b}"] = r
-            out["decode_ratio"][f"b{b}"] = r["lrt"] / r["baseline"]
-            progress(f"decode b{b}: {r}")
+        for mode in args.decode_modes.split(","):
+            for b in batches:
+                rates = {"baseline": [], "lrt": []}
+                for _ in range(args.decode_rounds):  # interleaved rounds, median
+                    rates["baseline"].append(decode_tokens_per_s(base_model, b, 16, args.decode_tokens, device, mode))
+                    rates["lrt"].append(decode_tokens_per_s(lrt_model, b, 16, args.decode_tokens, device, mode))
+                r = {k: statistics.median(v) for k, v in rates.items()}
+                out["decode_tokens_per_s"][f"{mode}_b{b}"] = r
+                out["decode_ratio"][f"{mode}_b{b}"] = r["lrt"] / r["baseline"]
+                progress(f"decode {mode} b{b}: {r}")
         out["prefill_parallel_vs_exact"] = prefill_comparison(lrt_model, 8, device)
     return out
 
@@ -258,11 +262,17 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--decode-rounds", type=int, default=3)
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--decode-modes", default="auto", help="comma-separated generate(decode=...) modes: "
+                   "auto, eager, static, cuda_graph")
     p.add_argument("--variants", default="interleaved_s2,interleaved_s4,multi_refine_k2",
                    help="comma-separated LRT variants to compare with the baseline")
     p.add_argument("--profile", default=None, metavar="PATH", help="write a profiler table per variant to PATH")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--muon", choices=["auto", "batched", "torch"], default="auto", help="OptimConfig.muon")
     args = p.parse_args(argv)
+    bad = [m for m in args.decode_modes.split(",") if m not in DECODE_MODES]
+    if bad:  # checked before any timing, so a typo costs nothing
+        p.error(f"--decode-modes: {bad} not known; choose from {', '.join(DECODE_MODES)}")
     out = run(args)
     if args.json:
         print(json.dumps(out))

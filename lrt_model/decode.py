@@ -11,29 +11,89 @@ Design choices:
   iterations over the prompt in parallel and fills the cache from the last
   one: faster for long prompts, an approximation (its gap is measured by the
   sequential-vs-merged bpb views, never hidden).
+- A decode step at small batch is bound by kernel launches (about ten per
+  layer), not arithmetic. On CUDA (`decode="auto"`) the step is captured once
+  as a CUDA graph over a `StaticKVCache` (fixed shapes, the position a device
+  tensor) and replayed per token, for both arms alike. `decode="static"` runs
+  the same fixed-shape step without capture (for tests and debugging);
+  `decode="eager"` (the CPU default) uses the growing `KVCache`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .model import GPT, KVCache, SelfKV, shift_memory
+from .model import GPT, KVCache, SelfKV, StaticKVCache, shift_memory
+
+DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
+
+
+class DecodeStep:
+    """One token per sequence through `cache`: `step(tokens (B, 1), position, memory (B, 1, d)
+    or None)` returns (final hidden (B, d), source state (B, 1, d), the next token's memory)."""
+
+    def __init__(self, model: GPT, cache):
+        self.model, self.cache = model, cache
+
+    def __call__(self, tokens: torch.Tensor, pos: int, memory: torch.Tensor | None):
+        out = self.model.run(tokens, torch.tensor([pos], device=tokens.device), memory, self.cache)
+        return out.hidden[:, -1], out.source
+
+
+class StaticDecodeStep:
+    """The same step with fixed input buffers over a `StaticKVCache`, captured as a CUDA graph
+    when `cuda_graph` (one launch per token instead of one per kernel) and replayed per call.
+    Zero memory stands for None (the projections of zero add exactly zero). The outputs are
+    the graph's own buffers, overwritten by the next call. Capture writes K/V at slot 0, so
+    build the step before the prompt is prefilled."""
+
+    def __init__(self, model: GPT, cache: StaticKVCache, batch: int, cuda_graph: bool):
+        device, dtype = model.wte.weight.device, model.wte.weight.dtype
+        self.model, self.cache, self.graph = model, cache, None
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.memory = torch.zeros(batch, 1, model.cfg.d_model, dtype=dtype, device=device) if model.rec else None
+        if cuda_graph:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up outside the graph: cache allocation, library handles
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self._run()
+
+    def _run(self):
+        out = self.model.run(self.tokens, self.pos, self.memory, self.cache)
+        return out.hidden[:, -1], out.source
+
+    def __call__(self, tokens: torch.Tensor, pos: int, memory: torch.Tensor | None):
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)
+        if self.memory is not None:
+            self.memory.zero_() if memory is None else self.memory.copy_(memory)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.outputs
 
 
 @torch.no_grad()
-def prefill(model: GPT, prompt: torch.Tensor, cache: KVCache, mode: str = "exact", passes: int = 3):
-    """Fill `cache` with the prompt (B, n). Returns (last logits (B, V), memory for the next token)."""
+def prefill(model: GPT, prompt: torch.Tensor, cache, mode: str = "exact", passes: int = 3, step=None):
+    """Fill `cache` with the prompt (B, n). Returns (last logits (B, V), memory for the next token).
+    `step`: the decode step that exact LRT prefill runs per token (default: an eager one)."""
     B, n = prompt.shape
     device = prompt.device
     if model.rec is None:
         out = model.run(prompt, torch.arange(n, device=device), None, cache)
         return model.logits(out.hidden[:, -1]), None
     if mode == "exact":
-        memory, out = None, None
+        step = step or DecodeStep(model, cache)
+        memory = hidden = None
         for t in range(n):
-            out = model.run(prompt[:, t : t + 1], torch.tensor([t], device=device), memory, cache)
-            memory = out.source
-        return model.logits(out.hidden[:, -1]), memory
+            hidden, memory = step(prompt[:, t : t + 1], t, memory)
+        return model.logits(hidden), memory
     if mode != "parallel":
         raise ValueError(f"prefill mode {mode!r} is not known; use 'exact' or 'parallel'")
     memory = None
@@ -50,13 +110,27 @@ def prefill(model: GPT, prompt: torch.Tensor, cache: KVCache, mode: str = "exact
 
 @torch.no_grad()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, seed: int | None = None, prefill_mode: str = "exact") -> torch.Tensor:
+             top_k: int | None = None, seed: int | None = None, prefill_mode: str = "exact",
+             decode: str = "auto") -> torch.Tensor:
     """Sample `max_new_tokens` after `prompt` (B, n); returns (B, max_new_tokens).
-    temperature 0 means greedy."""
+    temperature 0 means greedy. `decode`: "auto" (a CUDA graph on CUDA, eager elsewhere),
+    "eager", "static" or "cuda_graph" (see the module's notes)."""
     B, n = prompt.shape
     device = prompt.device
-    cache = KVCache(model.cfg, B, n + max_new_tokens)
-    logits, memory = prefill(model, prompt, cache, prefill_mode)
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode mode {decode!r} is not known; use one of {', '.join(DECODE_MODES)}")
+    if decode == "auto":
+        decode = "cuda_graph" if device.type == "cuda" else "eager"
+    if decode == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f"decode='cuda_graph' needs the model and prompt on a CUDA device, not {device}; "
+                         "use decode='static' or 'eager' there")
+    if decode == "eager":
+        cache = KVCache(model.cfg, B, n + max_new_tokens)
+        step = DecodeStep(model, cache)
+    else:
+        cache = StaticKVCache(model.cfg, B, -(-(n + max_new_tokens) // 16) * 16)  # aligned rows for fused kernels
+        step = StaticDecodeStep(model, cache, B, cuda_graph=decode == "cuda_graph")
+    logits, memory = prefill(model, prompt, cache, prefill_mode, step=step)
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)
@@ -66,9 +140,8 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
         out.append(nxt)
         if t == n + max_new_tokens - 1:
             break
-        step = model.run(nxt, torch.tensor([t], device=device), memory, cache)
-        logits = model.logits(step.hidden[:, -1])
-        memory = step.source
+        hidden, memory = step(nxt, t, memory)
+        logits = model.logits(hidden)
     return torch.cat(out, dim=1)
 
 

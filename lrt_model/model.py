@@ -178,6 +178,33 @@ class KVCache:
         return keys, values, mask
 
 
+class StaticKVCache:
+    """Decoding cache with shapes that never change, for CUDA-graph decoding: K/V are
+    written at the query positions (a device tensor, so a captured step can be replayed
+    at any position) and every query attends over all `max_len` slots under the mask
+    slot <= position. Slots not yet written are zeros, masked out, so never read.
+    Costs attention over the whole buffer each step: cheap next to the weights at
+    decode lengths, and the price of launching one graph instead of ~10 kernels a layer."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
+        self.depth, self.max_len = cfg.depth, max_len
+        self.max_positions = max_len
+        self.shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k: list = [None] * cfg.depth
+        self.v: list = [None] * cfg.depth
+        self._mask = None
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
+        if self.k[layer] is None:  # allocated on first use, in the dtype the model computes in
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
+        self.k[layer].index_copy_(2, q_pos, k)
+        self.v[layer].index_copy_(2, q_pos, v)
+        if layer == 0:  # one mask per run, shared by all layers (and made inside a captured graph)
+            self._mask = torch.arange(self.max_len, device=k.device)[None, :] <= q_pos[:, None]
+        return self.k[layer], self.v[layer], self._mask
+
+
 # ---------------------------------------------------------------------------
 # Modules
 

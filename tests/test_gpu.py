@@ -2,6 +2,8 @@
 bf16 training, compiled training and cached decoding on the device.
 `benchmarks/gpu_check.sh` runs these on a lent GPU."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -137,3 +139,42 @@ def test_batched_muon_equals_torch_muon_on_cuda():
             o.step()
     for p, q in zip(ref, ours):  # bf16 batched vs per-matrix matmuls: a few bf16 roundings of the update apart
         torch.testing.assert_close(q, p, rtol=0, atol=3 * 0.02 * 2**-7)
+
+
+@cuda
+@pytest.mark.parametrize("strategy", [None, "interleaved"])
+def test_cuda_graph_decoding_equals_the_eager_step(strategy):
+    from lrt_model.decode import DecodeStep, StaticDecodeStep, generate, prefill
+    from lrt_model.model import KVCache, StaticKVCache
+
+    model = lrt(T=32, strategy="interleaved")
+    if strategy is None:  # the same backbone without recurrence, perturbed alike
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(model.cfg, recurrence=None)).cuda()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    prompt = torch.randint(0, 101, (4, 6), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    follow = torch.randint(0, 101, (4, 10), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    results = {}
+    with torch.no_grad():
+        for mode in ("eager", "static", "cuda_graph"):
+            if mode == "eager":
+                cache = KVCache(model.cfg, 4, 16)
+                step = DecodeStep(model, cache)
+            else:
+                cache = StaticKVCache(model.cfg, 4, 32)
+                step = StaticDecodeStep(model, cache, 4, cuda_graph=mode == "cuda_graph")
+            logits, memory = prefill(model, prompt, cache, "exact", step=step)
+            outs = [logits]
+            for j in range(follow.shape[1]):
+                hidden, memory = step(follow[:, j : j + 1], 6 + j, memory)
+                outs.append(model.logits(hidden))
+            results[mode] = torch.stack(outs)
+    assert (results["cuda_graph"] - results["static"]).abs().max() < 1e-5  # the same kernels, replayed
+    assert (results["cuda_graph"] - results["eager"]).abs().max() < 1e-3
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # bf16 decoding, as benchmarks.lrt runs it
+        a = generate(model, prompt, 12, temperature=0, decode="static")
+        b = generate(model, prompt, 12, temperature=0, decode="cuda_graph")
+    assert torch.equal(a, b)
