@@ -309,10 +309,18 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
 _RUN_INDEPENDENT = ("stop_after_steps", "progress", "checkpoint_every", "checkpoint_dir", "device", "compile", "icl")
 
 
+_RUN_INDEPENDENT_OPTIM = ("muon",)  # how Muon runs: its state loads into either implementation
+
+
 def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint written by a different run."""
-    now = cfg.to_dict()
-    diff = [k for k in now if k not in _RUN_INDEPENDENT and saved.get(k) != now[k]]
+
+    def what_it_computes(config: dict) -> dict:
+        optim = {k: v for k, v in (config.get("optim") or {}).items() if k not in _RUN_INDEPENDENT_OPTIM}
+        return {**{k: v for k, v in config.items() if k not in _RUN_INDEPENDENT}, "optim": optim}
+
+    saved, now = what_it_computes(saved), what_it_computes(cfg.to_dict())
+    diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
         raise ConfigError(
             f"the checkpoint in {cfg.checkpoint_dir} belongs to a run with different {', '.join(diff)}; "

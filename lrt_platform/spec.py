@@ -46,7 +46,8 @@ RECURRENCE_FIELDS = tuple(RecurrenceConfig.__dataclass_fields__)
 FINAL_WEIGHT = "recurrence.final_weight"
 MODEL_SEARCH_FIELDS = ("width", "head_dim", "n_kv_head", "value_embeds", "softcap", "rope_base")
 # fields that say where or how a sweep runs, not what it computes: not part of the hash
-UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_trials"}, "failure": {"max_failures"}}
+UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_trials"}, "failure": {"max_failures"},
+            "optim": {"muon"}}
 
 
 class SpecError(ValueError):
@@ -214,7 +215,7 @@ class OptimSpec(_Strict):
     warmup_frac: float | None = Field(None, ge=0, le=1)
     warmdown_frac: float | None = Field(None, ge=0, le=1)
     final_lr_frac: float | None = Field(None, ge=0, le=1)
-    muon: Literal["auto", "batched", "torch"] | None = None  # an implementation choice, the same update: not searchable
+    muon: Literal["auto", "batched", "torch"] | None = None  # how Muon runs (same update up to bf16 rounding): not searched, not hashed
 
     def overrides(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -116,6 +116,17 @@ def test_spec_hash_is_stable_and_ignores_where_it_runs():
     assert spec_hash(a) == spec_hash(reordered) == spec_hash(parse_spec(BASE))
     assert spec_hash(a) != spec_hash(parse_spec(BASE.replace("[0, 1]", "[0, 2]")))
     assert spec_hash(a) != spec_hash(parse_spec(BASE.replace("passes: 2", "passes: 3")))
+    assert spec_hash(a) == spec_hash(parse_spec(BASE + "optim: {muon: batched}\n"))  # how Muon runs, not what
+
+
+def test_existing_sweeps_keep_their_hash():
+    """The hash names a sweep's storage, so `--resume` of a running sweep depends on it:
+    a new spec field must leave it unchanged unless the field is set (add it to UNHASHED
+    or exclude its default), or every running sweep restarts from nothing."""
+    from pathlib import Path
+
+    spec = load_spec(str(Path(__file__).resolve().parents[1] / "sweep_specs" / "quickstart.yaml"))
+    assert spec_hash(spec) == "022b64ca79c2"
 
 
 def test_not_yaml_and_not_a_mapping():

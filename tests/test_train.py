@@ -82,6 +82,21 @@ def test_resume_continues_the_exact_same_run(tmp_path, rec):
     assert [e["tokens"] for e in resumed["evals"]] == [e["tokens"] for e in straight["evals"]]
 
 
+def test_resume_may_switch_the_muon_implementation(tmp_path):
+    """optim.muon says how Muon runs, not what it computes: a run checkpointed with the
+    library's loop resumes with the batched one (and one saved before the field existed)."""
+    from lrt_model.optim import OptimConfig
+
+    straight = train(tiny(eval_every=5, optim=OptimConfig(muon="torch")))
+    train(tiny(eval_every=5, optim=OptimConfig(muon="torch"), checkpoint_dir=str(tmp_path), stop_after_steps=10))
+    state = ckpt.load(str(tmp_path))
+    del state["config"]["optim"]["muon"]  # as written before optim.muon existed
+    ckpt.save(state, str(tmp_path))
+    resumed = train(tiny(eval_every=5, optim=OptimConfig(muon="batched"), checkpoint_dir=str(tmp_path)))
+    assert resumed["steps"] == 20 and resumed["finished"]
+    assert resumed["val_bpb"] == pytest.approx(straight["val_bpb"], abs=1e-5)
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     train(tiny(checkpoint_dir=str(tmp_path), stop_after_steps=2))
     with pytest.raises(ConfigError, match="different"):
