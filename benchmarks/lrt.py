@@ -11,8 +11,8 @@ Design choices:
   own weights and optimiser states plus the step's rise); on the CPU
   (no allocator statistics) the bytes of tensors saved for backward, the
   activation memory that dominates a step's footprint.
-- Decode: steady-state tokens/s of `generate` (exact recurrence for LRT)
-  after a short prompt, prefill excluded, at batch 1 and 8 (and 32 on CUDA),
+- Decode: steady-state greedy tokens/s of `generate`'s decode step (exact
+  recurrence for LRT) after a short prompt, prefill and graph capture excluded, at batch 1 and 8 (and 32 on CUDA),
   for each `--decode-modes` entry (auto: a CUDA graph on CUDA, eager on CPU).
 - Needs only torch: runs on a GPU box without ray/mlflow/optuna.
 
@@ -32,7 +32,7 @@ import time
 import torch
 
 from lrt_model.config import ModelConfig, RecurrenceConfig
-from lrt_model.decode import DECODE_MODES, generate, prefill
+from lrt_model.decode import DECODE_MODES, decode_step, prefill
 from lrt_model.model import KVCache
 from lrt_model.flops import training_flops_per_token
 from lrt_model.model import GPT
@@ -130,17 +130,28 @@ def peak_step_bytes(trainee: Trainee, x, y) -> int:
     return torch.cuda.max_memory_allocated() - before + own
 
 
+@torch.no_grad()
 def decode_tokens_per_s(model: GPT, batch: int, prompt_len: int, new_tokens: int, device, mode: str) -> float:
-    """Steady-state decoding: generate(N) minus generate(1), so the prompt's prefill (one
-    chunk for the baseline, one exact step per token for LRT) and a CUDA graph's capture
-    are left out of the rate."""
+    """Steady-state greedy decoding through `generate`'s step (`decode_step`): the step (and a
+    CUDA graph's capture) is built and the prompt prefilled first, then `new_tokens` steps
+    are timed."""
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        generate(model, prompt, 4, temperature=0, decode=mode)  # warm-up
-        full = timed(lambda: generate(model, prompt, new_tokens, temperature=0, decode=mode), device)
-        prefill_only = timed(lambda: generate(model, prompt, 1, temperature=0, decode=mode), device)
-    return batch * (new_tokens - 1) / max(full - prefill_only, 1e-9)
+        step = decode_step(model, batch, prompt_len + 2 + new_tokens, mode)
+        logits, memory = prefill(model, prompt, step.cache, "exact", step=step)
+        tokens = logits.argmax(-1, keepdim=True)
+        state = {"t": prompt_len, "tokens": tokens, "memory": memory}
+
+        def steps(n: int) -> None:
+            for _ in range(n):
+                hidden, state["memory"] = step(state["tokens"], state["t"], state["memory"])
+                state["tokens"] = model.logits(hidden).argmax(-1, keepdim=True)
+                state["t"] += 1
+
+        steps(2)  # warm-up
+        seconds = timed(lambda: steps(new_tokens), device)
+    return batch * new_tokens / seconds
 
 
 @torch.no_grad()
@@ -274,6 +285,9 @@ def main(argv=None) -> int:
     bad = [m for m in args.decode_modes.split(",") if m not in DECODE_MODES]
     if bad:  # checked before any timing, so a typo costs nothing
         p.error(f"--decode-modes: {bad} not known; choose from {', '.join(DECODE_MODES)}")
+    on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if "cuda_graph" in args.decode_modes.split(",") and not on_cuda and not args.no_decode:
+        p.error("--decode-modes cuda_graph needs --device cuda; use static or eager on the CPU")
     out = run(args)
     if args.json:
         print(json.dumps(out))

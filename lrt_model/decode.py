@@ -11,7 +11,7 @@ Design choices:
   iterations over the prompt in parallel and fills the cache from the last
   one: faster for long prompts, an approximation (its gap is measured by the
   sequential-vs-merged bpb views, never hidden).
-- A decode step at small batch is bound by kernel launches (about ten per
+- A decode step at small batch is bound by kernel launches (about 30 per
   layer), not arithmetic. On CUDA (`decode="auto"`) the step is captured once
   as a CUDA graph over a `StaticKVCache` (fixed shapes, the position a device
   tensor) and replayed per token, for both arms alike. `decode="static"` runs
@@ -30,7 +30,7 @@ DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
 
 class DecodeStep:
     """One token per sequence through `cache`: `step(tokens (B, 1), position, memory (B, 1, d)
-    or None)` returns (final hidden (B, d), source state (B, 1, d), the next token's memory)."""
+    or None)` returns (final hidden (B, d), source state (B, 1, d) = the next token's memory)."""
 
     def __init__(self, model: GPT, cache):
         self.model, self.cache = model, cache
@@ -43,10 +43,17 @@ class DecodeStep:
 class StaticDecodeStep:
     """The same step with fixed input buffers over a `StaticKVCache`, captured as a CUDA graph
     when `cuda_graph` (one launch per token instead of one per kernel) and replayed per call.
-    Zero memory stands for None (the projections of zero add exactly zero). The outputs are
-    the graph's own buffers, overwritten by the next call. Capture writes K/V at slot 0, so
-    build the step before the prompt is prefilled."""
+    Zero memory stands for None (the projections of zero add exactly zero).
 
+    Constraints of the captured graph, all met inside one `generate` call:
+    - its outputs (hidden, source) are the graph's own buffers, overwritten by the next call,
+      so use them (or copy them) before calling again; passing the returned source back in
+      as the next memory is fine (it is copied in before the replay);
+    - capture writes K/V at slot 0, so build the step before the prompt is prefilled;
+    - under autocast the graph reads autocast's cached bf16 weight copies, which live until
+      the outermost autocast region exits: build and use the step inside one region."""
+
+    @torch.no_grad()
     def __init__(self, model: GPT, cache: StaticKVCache, batch: int, cuda_graph: bool):
         device, dtype = model.wte.weight.device, model.wte.weight.dtype
         self.model, self.cache, self.graph = model, cache, None
@@ -54,20 +61,22 @@ class StaticDecodeStep:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.memory = torch.zeros(batch, 1, model.cfg.d_model, dtype=dtype, device=device) if model.rec else None
         if cuda_graph:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up outside the graph: cache allocation, library handles
-                for _ in range(2):
-                    self._run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self._run()
+            with torch.cuda.device(device):  # the capture stream belongs to the current device
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up outside the graph: cache allocation, library handles
+                    for _ in range(2):
+                        self._run()
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.outputs = self._run()
 
     def _run(self):
         out = self.model.run(self.tokens, self.pos, self.memory, self.cache)
         return out.hidden[:, -1], out.source
 
+    @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, pos: int, memory: torch.Tensor | None):
         self.tokens.copy_(tokens)
         self.pos.fill_(pos)
@@ -77,6 +86,22 @@ class StaticDecodeStep:
             return self._run()
         self.graph.replay()
         return self.outputs
+
+
+def decode_step(model: GPT, batch: int, max_len: int, mode: str = "auto"):
+    """A fresh cache for `max_len` positions and the decode step over it (`step.cache`)."""
+    device = model.wte.weight.device
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r} is not known; use one of {', '.join(DECODE_MODES)}")
+    if mode == "auto":
+        mode = "cuda_graph" if device.type == "cuda" else "eager"
+    if mode == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f"decode='cuda_graph' needs the model and prompt on a CUDA device, not {device}; "
+                         "use decode='static' or 'eager' there")
+    if mode == "eager":
+        return DecodeStep(model, KVCache(model.cfg, batch, max_len))
+    cache = StaticKVCache(model.cfg, batch, -(-max_len // 16) * 16)  # a mask width fused kernels accept
+    return StaticDecodeStep(model, cache, batch, cuda_graph=mode == "cuda_graph")
 
 
 @torch.no_grad()
@@ -117,20 +142,8 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
     "eager", "static" or "cuda_graph" (see the module's notes)."""
     B, n = prompt.shape
     device = prompt.device
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode mode {decode!r} is not known; use one of {', '.join(DECODE_MODES)}")
-    if decode == "auto":
-        decode = "cuda_graph" if device.type == "cuda" else "eager"
-    if decode == "cuda_graph" and device.type != "cuda":
-        raise ValueError(f"decode='cuda_graph' needs the model and prompt on a CUDA device, not {device}; "
-                         "use decode='static' or 'eager' there")
-    if decode == "eager":
-        cache = KVCache(model.cfg, B, n + max_new_tokens)
-        step = DecodeStep(model, cache)
-    else:
-        cache = StaticKVCache(model.cfg, B, -(-(n + max_new_tokens) // 16) * 16)  # aligned rows for fused kernels
-        step = StaticDecodeStep(model, cache, B, cuda_graph=decode == "cuda_graph")
-    logits, memory = prefill(model, prompt, cache, prefill_mode, step=step)
+    step = decode_step(model, B, n + max_new_tokens, decode)
+    logits, memory = prefill(model, prompt, step.cache, prefill_mode, step=step)
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)

@@ -183,8 +183,10 @@ class StaticKVCache:
     written at the query positions (a device tensor, so a captured step can be replayed
     at any position) and every query attends over all `max_len` slots under the mask
     slot <= position. Slots not yet written are zeros, masked out, so never read.
-    Costs attention over the whole buffer each step: cheap next to the weights at
-    decode lengths, and the price of launching one graph instead of ~10 kernels a layer."""
+    Costs attention over the whole buffer each step, cheap next to reading the weights
+    while the buffer is short, and the price of launching one graph instead of ~30
+    kernels a layer. (With GQA and a mask, SDPA on CUDA takes its math path, which
+    expands K/V per step: fine for short generations, slow for long ones.)"""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
         self.depth, self.max_len = cfg.depth, max_len
