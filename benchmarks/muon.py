@@ -1,7 +1,7 @@
 """Muon's optimiser step: `BatchedMuon` vs `torch.optim.Muon`, side by side.
 
-Both step the Muon parameters of one GPT (every hidden matrix, memory
-projections included) with the same random gradients, in interleaved rounds
+Both step matrices shaped as one GPT's Muon parameters (every hidden
+matrix, memory projections included) with the same random gradients, in interleaved rounds
 (median of each). The update is the same (tests/test_optim.py); only the
 Newton-Schulz scheduling differs: one batched iteration per matrix shape
 against one per matrix. Needs only torch.
@@ -42,10 +42,11 @@ def main(argv=None) -> None:
     for depth, width in zip(args.depth, widths):
         cfg = ModelConfig(depth=depth, width=width, head_dim=64, vocab_size=256, seq_len=64,
                           recurrence=RecurrenceConfig(strategy="interleaved", passes=2))
+        with torch.device("meta"):  # only the Muon parameters' shapes are needed: no model in memory
+            shapes_of = [tuple(q.shape) for q in param_groups(GPT(cfg))[0]]
         torch.manual_seed(0)
-        model = GPT(cfg).to(dev)
-        params, _ = param_groups(model)
-        shapes = sorted({tuple(q.shape) for q in params})
+        params = [torch.nn.Parameter(torch.randn(shape, device=dev) / shape[1] ** 0.5) for shape in shapes_of]
+        shapes = sorted(set(shapes_of))
         opts = {"torch": torch.optim.Muon(params, lr=0.02, weight_decay=0.0),
                 "batched": BatchedMuon(params, lr=0.02, weight_decay=0.0)}
         for q in params:

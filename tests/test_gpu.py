@@ -142,13 +142,14 @@ def test_batched_muon_equals_torch_muon_on_cuda():
 
 
 @cuda
-@pytest.mark.parametrize("strategy", [None, "interleaved"])
-def test_cuda_graph_decoding_equals_the_eager_step(strategy):
+@pytest.mark.parametrize("arm", ["baseline", "lrt"])
+@pytest.mark.parametrize("prefill_mode", ["exact", "parallel"])
+def test_cuda_graph_decoding_equals_the_eager_step(arm, prefill_mode):
     from lrt_model.decode import DecodeStep, StaticDecodeStep, generate, prefill
     from lrt_model.model import KVCache, StaticKVCache
 
     model = lrt(T=32, strategy="interleaved")
-    if strategy is None:  # the same backbone without recurrence, perturbed alike
+    if arm == "baseline":  # the same backbone without recurrence, perturbed alike
         torch.manual_seed(0)
         model = GPT(dataclasses.replace(model.cfg, recurrence=None)).cuda()
         with torch.no_grad():
@@ -157,24 +158,29 @@ def test_cuda_graph_decoding_equals_the_eager_step(strategy):
     model.eval()
     prompt = torch.randint(0, 101, (4, 6), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     follow = torch.randint(0, 101, (4, 10), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    results = {}
+
+    def decode(mode):
+        if mode == "eager":
+            cache = KVCache(model.cfg, 4, 16)
+            step = DecodeStep(model, cache)
+        else:
+            cache = StaticKVCache(model.cfg, 4, 32)
+            step = StaticDecodeStep(model, cache, 4, cuda_graph=mode == "cuda_graph")
+        logits, memory = prefill(model, prompt, cache, prefill_mode, step=step)
+        outs = [logits]
+        for j in range(follow.shape[1]):
+            hidden, memory = step(follow[:, j : j + 1], 6 + j, memory)
+            outs.append(model.logits(hidden))
+        return torch.stack(outs)
+
     with torch.no_grad():
-        for mode in ("eager", "static", "cuda_graph"):
-            if mode == "eager":
-                cache = KVCache(model.cfg, 4, 16)
-                step = DecodeStep(model, cache)
-            else:
-                cache = StaticKVCache(model.cfg, 4, 32)
-                step = StaticDecodeStep(model, cache, 4, cuda_graph=mode == "cuda_graph")
-            logits, memory = prefill(model, prompt, cache, "exact", step=step)
-            outs = [logits]
-            for j in range(follow.shape[1]):
-                hidden, memory = step(follow[:, j : j + 1], 6 + j, memory)
-                outs.append(model.logits(hidden))
-            results[mode] = torch.stack(outs)
-    assert (results["cuda_graph"] - results["static"]).abs().max() < 1e-5  # the same kernels, replayed
-    assert (results["cuda_graph"] - results["eager"]).abs().max() < 1e-3
-    with torch.autocast("cuda", dtype=torch.bfloat16):  # bf16 decoding, as benchmarks.lrt runs it
-        a = generate(model, prompt, 12, temperature=0, decode="static")
-        b = generate(model, prompt, 12, temperature=0, decode="cuda_graph")
+        fp32 = {mode: decode(mode) for mode in ("eager", "static", "cuda_graph")}
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # bf16 decoding, as benchmarks.lrt runs it
+            bf16 = {mode: decode(mode) for mode in ("eager", "cuda_graph")}
+            a = generate(model, prompt, 12, temperature=0, decode="static", prefill_mode=prefill_mode)
+            b = generate(model, prompt, 12, temperature=0, decode="cuda_graph", prefill_mode=prefill_mode)
+    assert (fp32["cuda_graph"] - fp32["static"]).abs().max() < 1e-5  # the same kernels, replayed
+    assert (fp32["cuda_graph"] - fp32["eager"]).abs().max() < 1e-3
+    assert (bf16["cuda_graph"] - bf16["eager"]).abs().max() < 0.1  # bf16 roundings, different attention kernels
+    assert (bf16["cuda_graph"] - fp32["eager"]).abs().max() < 0.25
     assert torch.equal(a, b)

@@ -1,5 +1,7 @@
 """BatchedMuon against torch.optim.Muon, and its Newton-Schulz against the plain polynomial in float64."""
 
+import copy
+
 import pytest
 import torch
 
@@ -44,12 +46,23 @@ def test_batched_muon_equals_torch_muon(kwargs):
 def test_checkpoint_moves_between_the_two():
     ref, ours = _params(), _params()
     opt_ref = torch.optim.Muon(ref, lr=0.02)
+    g = torch.Generator().manual_seed(5)
     for p in ref:
-        p.grad = torch.ones_like(p)
+        p.grad = torch.randn(p.shape, generator=g)
     opt_ref.step()
+    with torch.no_grad():
+        for p, q in zip(ref, ours):
+            q.copy_(p)
     opt_ours = BatchedMuon(ours, lr=0.02)
-    opt_ours.load_state_dict(opt_ref.state_dict())
-    assert opt_ours.state[ours[0]]["momentum_buffer"].abs().sum() > 0
+    opt_ours.load_state_dict(copy.deepcopy(opt_ref.state_dict()))  # as from a checkpoint: no shared buffers
+    for p, q in zip(ref, ours):  # the next step continues from the loaded momentum, as the library's does
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    opt_ref.step()
+    opt_ours.step()
+    for p, q in zip(ref, ours):
+        torch.testing.assert_close(q, p, rtol=0, atol=0.02 * 2**-7)
+        assert opt_ours.state[q]["momentum_buffer"].abs().sum() > 0
 
 
 def test_newton_schulz_is_the_quintic_polynomial_in_float64():
