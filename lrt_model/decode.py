@@ -16,7 +16,8 @@ Design choices:
   as a CUDA graph over a `StaticKVCache` (fixed shapes, the position a device
   tensor) and replayed per token, for both arms alike. `decode="static"` runs
   the same fixed-shape step without capture (for tests and debugging);
-  `decode="eager"` (the CPU default) uses the growing `KVCache`.
+  `decode="eager"` (the CPU default) uses the growing `KVCache`. The
+  sequential-view evaluation (`recurrence.sequential_hidden`) runs the same step.
 """
 
 from __future__ import annotations

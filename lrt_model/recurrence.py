@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode import decode_step
 from .model import GPT, BufferKV, KVCache, SelfKV, apply_rotary, rms_norm, shift_memory
 
 
@@ -139,16 +140,26 @@ def multi_refine(model: GPT, idx: torch.Tensor, K: int, detach: bool = False) ->
     return Passes(model, hidden, positions)
 
 
-def sequential_logits(model: GPT, idx: torch.Tensor, chunk_cache: KVCache | None = None) -> torch.Tensor:
+def sequential_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Exact recurrence: one token at a time through a KV cache, carrying the
     source state from each token to the next. Returns (B, T, V)."""
-    return model.logits(sequential_hidden(model, idx, chunk_cache))
+    return model.logits(sequential_hidden(model, idx))
 
 
-def sequential_hidden(model: GPT, idx: torch.Tensor, chunk_cache: KVCache | None = None) -> torch.Tensor:
-    """The exact recurrence's final hidden states (B, T, d)."""
+def sequential_hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The exact recurrence's final hidden states (B, T, d). Without autograd (evaluation)
+    each token runs through `generate`'s decode step, a CUDA graph on CUDA: T launch-bound
+    steps become T graph replays. With autograd (the sequential strategy's training) the
+    cache grows by concatenation, so every step stays in the graph of the loss."""
     B, T = idx.shape
-    cache = chunk_cache or KVCache(model.cfg, B, T)
+    if not torch.is_grad_enabled():
+        step = decode_step(model, B, T)
+        memory, outs = None, []
+        for t in range(T):
+            hidden, memory = step(idx[:, t : t + 1], t, memory)
+            outs.append(hidden.clone())  # a graph's output buffer is overwritten by the next step
+        return torch.stack(outs, dim=1)
+    cache = KVCache(model.cfg, B, T)
     memory, outs = None, []
     for t in range(T):
         pos = torch.tensor([t], device=idx.device)
