@@ -50,7 +50,6 @@ class StaticDecodeStep:
     - its outputs (hidden, source) are the graph's own buffers, overwritten by the next call,
       so use them (or copy them) before calling again; passing the returned source back in
       as the next memory is fine (it is copied in before the replay);
-    - capture writes K/V at slot 0, so build the step before the prompt is prefilled;
     - under autocast the graph reads autocast's cached bf16 weight copies, which live until
       the outermost autocast region exits: build and use the step inside one region."""
 
@@ -62,6 +61,9 @@ class StaticDecodeStep:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.memory = torch.zeros(batch, 1, model.cfg.d_model, dtype=dtype, device=device) if model.rec else None
         if cuda_graph:
+            # Warm-up runs write K/V at the last slot: masked until the real sequence gets
+            # there, and then written before it is read. So the step may be built at any time.
+            self.pos.fill_(cache.max_len - 1)
             with torch.cuda.device(device):  # the capture stream belongs to the current device
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -103,6 +105,15 @@ def decode_step(model: GPT, batch: int, max_len: int, mode: str = "auto"):
         return DecodeStep(model, KVCache(model.cfg, batch, max_len))
     cache = StaticKVCache(model.cfg, batch, -(-max_len // 16) * 16)  # a mask width fused kernels accept
     return StaticDecodeStep(model, cache, batch, cuda_graph=mode == "cuda_graph")
+
+
+def expand_step(step, owner: torch.Tensor):
+    """A decode step of the same kind whose row r continues `step`'s row owner[r]
+    (a new graph is captured for the new batch size)."""
+    cache = step.cache.select_rows(owner)
+    if isinstance(step, StaticDecodeStep):
+        return StaticDecodeStep(step.model, cache, owner.numel(), cuda_graph=step.graph is not None)
+    return DecodeStep(step.model, cache)
 
 
 @torch.no_grad()

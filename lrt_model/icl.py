@@ -115,6 +115,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .decode import decode_step, expand_step
 from .model import GPT, KVCache
 from .recurrence import forward_passes
 
@@ -198,15 +199,6 @@ class Stepper(Protocol):
     def expand(self, owner: torch.Tensor) -> None: ...  # row r of the new batch continues old row owner[r]
 
 
-def _expand_cache(model: GPT, cache: KVCache, owner: torch.Tensor) -> KVCache:
-    """A cache whose row r is a copy of `cache`'s row owner[r]."""
-    new = KVCache(model.cfg, owner.numel(), cache.max_len)
-    new.k = [None if k is None else k.index_select(0, owner) for k in cache.k]
-    new.v = [None if v is None else v.index_select(0, owner) for v in cache.v]
-    new.length = cache.length
-    return new
-
-
 def _heads(owner: torch.Tensor) -> torch.Tensor:
     """Each question's first row (rows of a question are consecutive)."""
     heads = torch.ones(owner.numel(), dtype=torch.bool, device=owner.device)
@@ -236,7 +228,7 @@ class FullView:
         out = self.model.run(idx[heads, :P], torch.arange(P, device=idx.device), None, cache)
         loss, correct = token_stats(self.model.logits(out.hidden)[owner], targets[:, :P])
         if P < L:
-            cache = _expand_cache(self.model, cache, owner)
+            cache = cache.select_rows(owner)
             out = self.model.run(idx[:, P:], torch.arange(P, L, device=idx.device), None, cache)
             rest = token_stats(self.model.logits(out.hidden), targets[:, P:])
             loss, correct = torch.cat([loss, rest[0]], 1), torch.cat([correct, rest[1]], 1)
@@ -244,26 +236,23 @@ class FullView:
 
 
 class ModelStepper:
-    """Exact recurrence through the KV cache, as `sequential_logits` (one step
-    per token, the source state carried to the next token), plus `expand` so
-    that candidates can share their prompt's cache and memory."""
+    """Exact recurrence through `generate`'s decode step (a CUDA graph on CUDA), as
+    `sequential_logits`: one step per token, the source state carried to the next token;
+    `expand` lets candidates share their prompt's cache and memory."""
 
     def __init__(self, model: GPT):
         self.model = model
 
     def reset(self, batch: int, max_len: int, device) -> None:
-        self.cache = KVCache(self.model.cfg, batch, max_len)
+        self.decode = decode_step(self.model, batch, max_len)
         self.memory = None
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
-        pos = torch.tensor([t], device=tokens.device)
-        out = self.model.run(tokens[:, None], pos, self.memory, self.cache)
-        if self.model.rec is not None:
-            self.memory = out.source
-        return self.model.logits(out.hidden)[:, 0]
+        hidden, self.memory = self.decode(tokens[:, None], t, self.memory)
+        return self.model.logits(hidden)
 
     def expand(self, owner: torch.Tensor) -> None:
-        self.cache = _expand_cache(self.model, self.cache, owner)
+        self.decode = expand_step(self.decode, owner)
         if self.memory is not None:
             self.memory = self.memory.index_select(0, owner)
 

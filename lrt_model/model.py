@@ -19,6 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -137,7 +138,20 @@ class BufferKV:
         return self.k[layer], self.v[layer], self.mask
 
 
-class KVCache:
+class _RowsCache:
+    """What both decoding caches share: branching rows."""
+
+    def select_rows(self, owner: torch.Tensor):
+        """A cache whose row r is a copy of this cache's row owner[r] (e.g. the candidate
+        answers of a question branching from their shared prompt)."""
+        new = copy.copy(self)
+        new.shape = (owner.numel(), *self.shape[1:])
+        new.k = [None if k is None else k.index_select(0, owner) for k in self.k]
+        new.v = [None if v is None else v.index_select(0, owner) for v in self.v]
+        return new
+
+
+class KVCache(_RowsCache):
     """Decoding cache. Queries are consecutive positions [start, start+n).
     `write` with n > 1 fills a whole chunk (a prompt) at once.
 
@@ -178,7 +192,7 @@ class KVCache:
         return keys, values, mask
 
 
-class StaticKVCache:
+class StaticKVCache(_RowsCache):
     """Decoding cache with shapes that never change, for CUDA-graph decoding: K/V are
     written at the query positions (a device tensor, so a captured step can be replayed
     at any position) and every query attends over all `max_len` slots under the mask

@@ -184,3 +184,29 @@ def test_cuda_graph_decoding_equals_the_eager_step(arm, prefill_mode):
     assert (bf16["cuda_graph"] - bf16["eager"]).abs().max() < 0.1  # bf16 roundings, different attention kernels
     assert (bf16["cuda_graph"] - fp32["eager"]).abs().max() < 0.25
     assert torch.equal(a, b)
+
+
+@cuda
+def test_expanded_cuda_graph_step_equals_the_eager_one():
+    """A graph captured after the prompt is in the cache (ICL candidates branching from it):
+    its warm-up must not disturb the cached prompt."""
+    from lrt_model.decode import decode_step, expand_step
+
+    model = lrt(T=32, strategy="interleaved").eval()
+    prompt = torch.randint(0, 101, (2, 5), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    owner = torch.tensor([0, 0, 1, 1, 1], device="cuda")
+    tails = torch.randint(0, 101, (5, 4), device="cuda", generator=torch.Generator(device="cuda").manual_seed(4))
+    results = {}
+    with torch.no_grad():
+        for mode in ("eager", "cuda_graph"):
+            step, memory = decode_step(model, 2, 9, mode), None
+            for t in range(5):
+                hidden, memory = step(prompt[:, t : t + 1], t, memory)
+            step = expand_step(step, owner)
+            memory = memory.index_select(0, owner)
+            outs = []
+            for j in range(4):
+                hidden, memory = step(tails[:, j : j + 1], 5 + j, memory)
+                outs.append(model.logits(hidden))
+            results[mode] = torch.stack(outs)
+    assert (results["cuda_graph"] - results["eager"]).abs().max() < 1e-3
