@@ -72,7 +72,9 @@ class StaticDecodeStep:
                         self._run()
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                # thread_local: other threads' CUDA calls (e.g. a DDP process group's watchdog
+                # polling its events) must not invalidate this thread's capture
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                     self.outputs = self._run()
 
     def _run(self):
