@@ -60,14 +60,18 @@ class StaticDecodeStep:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.memory = torch.zeros(batch, 1, model.cfg.d_model, dtype=dtype, device=device) if model.rec else None
+        # Warm-up writes K/V at the last slot: masked from every earlier position, and written
+        # again by the real step there before it is read. So the step may be built after a
+        # prompt is cached, as long as the last slot is still free (always, for a cache made
+        # for prompt + new tokens). The first run, on the current stream, also allocates the
+        # cache there, the stream that will use it; "static" runs it too, so the CPU tests it.
+        self.pos.fill_(cache.max_len - 1)
+        self._run()
         if cuda_graph:
-            # Warm-up runs write K/V at the last slot: masked until the real sequence gets
-            # there, and then written before it is read. So the step may be built at any time.
-            self.pos.fill_(cache.max_len - 1)
             with torch.cuda.device(device):  # the capture stream belongs to the current device
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up outside the graph: cache allocation, library handles
+                with torch.cuda.stream(side):  # warm-up outside the graph on a side stream, as capture needs
                     for _ in range(2):
                         self._run()
                 torch.cuda.current_stream().wait_stream(side)

@@ -77,29 +77,31 @@ def test_decode_mode_errors_name_the_fix():
 
 
 @pytest.mark.parametrize("arm", ["baseline", "lrt_shared_gated"])
-def test_expanded_static_step_equals_expanded_eager_step(arm):
+@pytest.mark.parametrize("n_prompt,n_tail", [(4, 3), (10, 6)])  # 10 + 6 = 16: the real steps reach the warm-up slot
+def test_expanded_static_step_equals_expanded_eager_step(arm, n_prompt, n_tail):
     """Candidates branching from a shared prompt (the ICL sequential view): the expanded
-    fixed-shape step continues each row exactly as the expanded eager step does."""
+    fixed-shape step, built (and warmed up at the last slot) after the prompt is cached,
+    continues each row exactly as the expanded eager step does."""
     from lrt_model.decode import decode_step, expand_step
 
     model = model_for(ARMS[arm])
-    prompt = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(5))
+    prompt = torch.randint(0, V, (2, n_prompt), generator=torch.Generator().manual_seed(5))
     owner = torch.tensor([0, 0, 1, 1, 1])
-    tails = torch.randint(0, V, (5, 3), generator=torch.Generator().manual_seed(6))
+    tails = torch.randint(0, V, (5, n_tail), generator=torch.Generator().manual_seed(6))
     results = []
     with torch.no_grad():
         for mode in ("eager", "static"):
-            step, memory = decode_step(model, 2, 7, mode), None
-            for t in range(4):
+            step, memory = decode_step(model, 2, n_prompt + n_tail, mode), None
+            for t in range(n_prompt):
                 hidden, memory = step(prompt[:, t : t + 1], t, memory)
             step = expand_step(step, owner)
             memory = memory.index_select(0, owner) if memory is not None else None
             outs = []
-            for j in range(3):
-                hidden, memory = step(tails[:, j : j + 1], 4 + j, memory)
+            for j in range(n_tail):
+                hidden, memory = step(tails[:, j : j + 1], n_prompt + j, memory)
                 outs.append(model.logits(hidden))
             results.append(torch.stack(outs))
     eager, static = results
-    assert eager.shape == (3, 5, V)
+    assert eager.shape == (n_tail, 5, V)
     assert (static - eager).abs().max() < 1e-12
     assert (eager[:, 0] - eager[:, 1]).abs().max() > 1e-3  # the branches did diverge
