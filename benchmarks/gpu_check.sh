@@ -25,10 +25,12 @@ git rev-parse HEAD >> "$OUT/gpu.csv" 2>/dev/null
 # are slow and ran out of time there before.
 stage tests_new 45 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   -k "cuda_graph or muon or chunked_loss"
-# Small, eager training ratios; decode at batch 1/8/32, eager and CUDA-graph, both arms.
+# Small, eager training ratios; decode at batch 1/8/32, eager and CUDA-graph, both arms; the
+# sequential-view evaluation eager vs CUDA graph.
 stage bench_small 80 $PY -m benchmarks.lrt --device cuda --json --depth 6 --head-dim 64 --width 384 \
   --seq-len 1024 --batch 16 --vocab 32768 --rounds 4 --warmup 2 --decode-tokens 64 --decode-rounds 2 \
-  --decode-modes eager,cuda_graph --variants interleaved_s2,interleaved_s4,multi_refine_k2
+  --decode-modes eager,cuda_graph --eval-modes eager,cuda_graph \
+  --variants interleaved_s2,interleaved_s4,multi_refine_k2
 # Muon's step: the batched Newton-Schulz vs torch.optim.Muon's per-matrix loop, at depth 12 and 20.
 stage bench_muon 20 $PY -m benchmarks.muon --device cuda --depth 12 20 --width 768 1280 --rounds 5
 # Depth 12 at its natural width (768), seq 2048, bf16, compiled (Muon batched): MFU, S=2 ratio, profile.

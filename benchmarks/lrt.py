@@ -14,6 +14,8 @@ Design choices:
 - Decode: steady-state greedy tokens/s of `generate`'s decode step (exact
   recurrence for LRT) after a short prompt, prefill and graph capture excluded, at batch 1 and 8 (and 32 on CUDA),
   for each `--decode-modes` entry (auto: a CUDA graph on CUDA, eager on CPU).
+- `--eval-modes`: the sequential-view evaluation (exact recurrence over 512
+  positions of the batch) timed per decode mode, e.g. eager vs CUDA graph.
 - Needs only torch: runs on a GPU box without ray/mlflow/optuna.
 
 Example:
@@ -37,7 +39,7 @@ from lrt_model.model import KVCache
 from lrt_model.flops import training_flops_per_token
 from lrt_model.model import GPT
 from lrt_model.optim import OptimConfig, build_optimizers
-from lrt_model.recurrence import training_loss
+from lrt_model.recurrence import sequential_logits, training_loss
 from lrt_model.flops import peak_flops
 
 VARIANTS = {
@@ -155,6 +157,20 @@ def decode_tokens_per_s(model: GPT, batch: int, prompt_len: int, new_tokens: int
 
 
 @torch.no_grad()
+def sequential_eval_ms(model: GPT, x: torch.Tensor, modes: list, device, max_len: int = 512) -> dict:
+    """The sequential-view evaluation's exact recurrence (`sequential_logits`) over the
+    batch's first `max_len` positions, per decode mode: the cost of val bpb's main view."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rows = x[:, :max_len]
+    out = {}
+    with autocast:
+        for mode in modes:
+            sequential_logits(model, rows[:, :8], mode)  # warm-up
+            out[mode] = 1000 * timed(lambda: sequential_logits(model, rows, mode), device)
+    return out
+
+
+@torch.no_grad()
 def prefill_comparison(model: GPT, batch: int, device, passes: int = 2) -> dict:
     """Exact (sequential) vs parallel (multi-refine) prefill of a seq_len prompt:
     speed ratio and how far the parallel cache's next-token logits are from exact."""
@@ -256,6 +272,10 @@ def run(args) -> dict:
                 out["decode_ratio"][f"{mode}_b{b}"] = r["lrt"] / r["baseline"]
                 progress(f"decode {mode} b{b}: {r}")
         out["prefill_parallel_vs_exact"] = prefill_comparison(lrt_model, 8, device)
+    if args.eval_modes and "interleaved_s2" in trainees:
+        out["sequential_eval_ms"] = sequential_eval_ms(trainees["interleaved_s2"].model.eval(), x, args.eval_modes.split(","),
+                                                       device)
+        progress(f"sequential-view evaluation ms: {out['sequential_eval_ms']}")
     return out
 
 
@@ -281,13 +301,18 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, metavar="PATH", help="write a profiler table per variant to PATH")
     p.add_argument("--json", action="store_true")
     p.add_argument("--muon", choices=["auto", "batched", "torch"], default="auto", help="OptimConfig.muon")
+    p.add_argument("--eval-modes", default="", help="comma-separated decode modes to time the sequential-view "
+                   "evaluation of the S=2 model in (e.g. eager,cuda_graph); empty: skip")
     args = p.parse_args(argv)
     bad = [m for m in args.decode_modes.split(",") if m not in DECODE_MODES]
     if bad:  # checked before any timing, so a typo costs nothing
         p.error(f"--decode-modes: {bad} not known; choose from {', '.join(DECODE_MODES)}")
+    bad = [m for m in args.eval_modes.split(",") if m and m not in DECODE_MODES]
+    if bad:
+        p.error(f"--eval-modes: {bad} not known; choose from {', '.join(DECODE_MODES)}")
     on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    if "cuda_graph" in args.decode_modes.split(",") and not on_cuda and not args.no_decode:
-        p.error("--decode-modes cuda_graph needs --device cuda; use static or eager on the CPU")
+    if "cuda_graph" in args.decode_modes.split(",") + args.eval_modes.split(",") and not on_cuda:
+        p.error("cuda_graph decoding needs --device cuda; use static or eager on the CPU")
     out = run(args)
     if args.json:
         print(json.dumps(out))

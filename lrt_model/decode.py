@@ -22,11 +22,18 @@ Design choices:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .model import GPT, KVCache, SelfKV, StaticKVCache, shift_memory
 
 DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
+# The decode step of the sequential-view evaluations (val bpb, ICL); LRT_EVAL_DECODE=eager
+# turns the CUDA graph off there, e.g. to compare (benchmarks.lrt times both).
+EVAL_DECODE = os.environ.get("LRT_EVAL_DECODE", "auto")
+if EVAL_DECODE not in DECODE_MODES:
+    raise ValueError(f"LRT_EVAL_DECODE={EVAL_DECODE!r} is not known; use one of {', '.join(DECODE_MODES)}")
 
 
 class DecodeStep:

@@ -115,6 +115,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from . import decode as decode_mod
 from .decode import decode_step, expand_step
 from .model import GPT, KVCache
 from .recurrence import forward_passes
@@ -244,7 +245,7 @@ class ModelStepper:
         self.model = model
 
     def reset(self, batch: int, max_len: int, device) -> None:
-        self.decode = decode_step(self.model, batch, max_len)
+        self.decode = decode_step(self.model, batch, max_len, decode_mod.EVAL_DECODE)
         self.memory = None
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import decode as decode_mod
 from .decode import decode_step
 from .model import GPT, BufferKV, KVCache, SelfKV, apply_rotary, rms_norm, shift_memory
 
@@ -140,20 +141,21 @@ def multi_refine(model: GPT, idx: torch.Tensor, K: int, detach: bool = False) ->
     return Passes(model, hidden, positions)
 
 
-def sequential_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+def sequential_logits(model: GPT, idx: torch.Tensor, decode: str | None = None) -> torch.Tensor:
     """Exact recurrence: one token at a time through a KV cache, carrying the
     source state from each token to the next. Returns (B, T, V)."""
-    return model.logits(sequential_hidden(model, idx))
+    return model.logits(sequential_hidden(model, idx, decode))
 
 
-def sequential_hidden(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+def sequential_hidden(model: GPT, idx: torch.Tensor, decode: str | None = None) -> torch.Tensor:
     """The exact recurrence's final hidden states (B, T, d). Without autograd (evaluation)
-    each token runs through `generate`'s decode step, a CUDA graph on CUDA: T launch-bound
-    steps become T graph replays. With autograd (the sequential strategy's training) the
-    cache grows by concatenation, so every step stays in the graph of the loss."""
+    each token runs through `generate`'s decode step, in mode `decode` (default
+    `decode.EVAL_DECODE`: a CUDA graph on CUDA, so T launch-bound steps become T replays).
+    With autograd (the sequential strategy's training) the cache grows by concatenation,
+    so every step stays in the graph of the loss."""
     B, T = idx.shape
     if not torch.is_grad_enabled():
-        step = decode_step(model, B, T)
+        step = decode_step(model, B, T, decode or decode_mod.EVAL_DECODE)
         memory, outs = None, []
         for t in range(T):
             hidden, memory = step(idx[:, t : t + 1], t, memory)

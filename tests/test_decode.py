@@ -105,3 +105,23 @@ def test_expanded_static_step_equals_expanded_eager_step(arm, n_prompt, n_tail):
     assert eager.shape == (n_tail, 5, V)
     assert (static - eager).abs().max() < 1e-12
     assert (eager[:, 0] - eager[:, 1]).abs().max() > 1e-3  # the branches did diverge
+
+
+def test_sequential_view_is_the_same_in_every_decode_mode():
+    from lrt_model.recurrence import sequential_logits
+
+    model = model_for(ARMS["lrt_shared_gated"])
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        eager, static = sequential_logits(model, idx, "eager"), sequential_logits(model, idx, "static")
+    assert (eager - static).abs().max() < 1e-12
+
+
+def test_a_bad_eval_decode_setting_fails_at_import_with_the_fix():
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import lrt_model.decode"], capture_output=True, text=True,
+                       env={**os.environ, "LRT_EVAL_DECODE": "graphs"})
+    assert r.returncode != 0 and "LRT_EVAL_DECODE='graphs' is not known; use one of auto, eager" in r.stderr
