@@ -22,22 +22,28 @@ import time
 import torch
 
 from . import checkpoint as ckpt
-from .data import resolve_corpus
+from .data import DataError, resolve_corpus
 from .decode import DECODE_MODES, generate
 from .model import GPT
-from .tokenizer import get_tokenizer
+from .tokenizer import ByteTokenizer, get_tokenizer
 from .train import TrainConfig, _autocast, _device
 
 
-def load_model(checkpoint_dir: str, device: torch.device) -> tuple[GPT, object, TrainConfig]:
-    """(model in eval mode on `device`, its tokenizer, its TrainConfig) from a training checkpoint."""
+def load_model(checkpoint_dir: str, device: torch.device, corpus: str | None = None) -> tuple[GPT, object, TrainConfig]:
+    """(model in eval mode on `device`, its tokenizer, its TrainConfig) from a training checkpoint.
+    `corpus`: where the training corpus (and a BPE tokenizer saved next to it) is now, if moved."""
     state = ckpt.load(checkpoint_dir)
     if state is None:
-        raise SystemExit(f"no checkpoint in {checkpoint_dir}: train with --checkpoint-dir {checkpoint_dir} "
+        hint = " (pass the directory that holds latest.pt, not the file)" if checkpoint_dir.endswith(".pt") else ""
+        raise SystemExit(f"no checkpoint in {checkpoint_dir}{hint}: train with --checkpoint-dir {checkpoint_dir} "
                          "(or pass a sweep trial's checkpoint directory)")
     cfg = TrainConfig.from_dict(state["config"])
-    corpus = resolve_corpus(cfg.corpus) if cfg.tokenizer != "byte" else None
-    tokenizer = get_tokenizer(cfg.tokenizer, corpus)
+    tokenizer = ByteTokenizer()
+    if cfg.tokenizer != "byte":  # a BPE is loaded from next to the corpus, never retrained here
+        try:
+            tokenizer = get_tokenizer(cfg.tokenizer, resolve_corpus(corpus or cfg.corpus), train_if_missing=False)
+        except DataError as e:
+            raise SystemExit(f"{e} (trained on --corpus {cfg.corpus}; pass --corpus DIR where it is now)") from None
     model = GPT(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, cfg
@@ -55,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", choices=["exact", "parallel"], default="exact",
                    help="LRT prompt prefill: exact recurrence, or parallel multi-refine (an approximation)")
     p.add_argument("--decode", choices=DECODE_MODES, default="auto")
+    p.add_argument("--corpus", default=None, help="the training corpus's location, if it moved (BPE tokenizers live there)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--json", action="store_true", help="one JSON line: the samples and the decode rate")
@@ -63,16 +70,21 @@ def main(argv=None) -> int:
         p.error("--tokens and --samples must be >= 1")
     if args.temperature < 0:
         p.error("--temperature must be >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        p.error("--top-k must be >= 0 (0 = no top-k filter)")
     device = _device(args.device)
-    model, tokenizer, cfg = load_model(args.checkpoint_dir, device)
+    model, tokenizer, cfg = load_model(args.checkpoint_dir, device, args.corpus)
     ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    if len(ids) + args.tokens > cfg.model.seq_len:
+        print(f"[sample] note: {len(ids)} prompt + {args.tokens} new tokens exceed the trained sequence length "
+              f"{cfg.model.seq_len}; positions beyond it were never trained", file=sys.stderr)
     prompt = torch.tensor([ids] * args.samples, device=device)
     with _autocast(device, args.dtype):
         t0 = time.perf_counter()
         out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k or None,
                        seed=args.seed, prefill_mode=args.prefill, decode=args.decode)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
     texts = [tokenizer.decode(row.tolist()) for row in out]
     rate = args.samples * args.tokens / seconds
@@ -85,7 +97,7 @@ def main(argv=None) -> int:
             print(f"--- sample {i}")
         print(args.prompt + text)
     print(f"[sample] {args.samples} x {args.tokens} tokens in {seconds:.2f} s ({rate:,.0f} tokens/s, prefill "
-          f"included) on {device}", file=sys.stderr)
+          f"and CUDA-graph capture included) on {device}", file=sys.stderr)
     return 0
 
 

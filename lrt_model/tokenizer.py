@@ -204,8 +204,9 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
             return
 
 
-def get_tokenizer(kind: str, corpus_dir: str | None = None):
-    """"byte" -> ByteTokenizer; "bpe:N" -> BPE with N tokens, trained on the corpus's train split once and cached."""
+def get_tokenizer(kind: str, corpus_dir: str | None = None, train_if_missing: bool = True):
+    """"byte" -> ByteTokenizer; "bpe:N" -> BPE with N tokens, trained on the corpus's train split once and
+    cached next to it. `train_if_missing=False` (a trained model's tokenizer) only loads it."""
     if kind == "byte":
         return ByteTokenizer()
     match = re.fullmatch(r"bpe:(\d+)", kind)
@@ -217,6 +218,9 @@ def get_tokenizer(kind: str, corpus_dir: str | None = None):
     directory = corpus.rstrip("/") + f"/tokenizer-bpe-{match.group(1)}"
     if _exists(directory + "/tokenizer.json"):
         return BPETokenizer.load(directory)
+    if not train_if_missing:
+        raise DataError(f"tokenizer {kind!r} is not at {directory}/tokenizer.json: point at the corpus the model "
+                        "was trained on (its tokenizer is saved next to its shards)")
     tok = BPETokenizer.train(_capped(iter_texts(corpus, "train"), BPE_TRAIN_CHARS), int(match.group(1)))
     # first writer wins and everyone loads the file, so racing ranks never hold different vocabularies
     _write_text_atomic(directory + "/tokenizer.json", tok._tok.to_str(), replace=False)

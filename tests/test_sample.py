@@ -38,3 +38,36 @@ def test_sample_cli_decodes_with_the_trained_model(tmp_path, capsys, rec):
 def test_sample_without_a_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint in .*: train with --checkpoint-dir"):
         sample.main([str(tmp_path / "nothing"), "--device", "cpu"])
+
+
+def test_sample_starts_the_prompt_with_bos_and_checks_its_arguments(tmp_path, monkeypatch, capsys):
+    train(TrainConfig(model=ModelConfig(depth=1, head_dim=16, width=32, seq_len=32), batch_size=4, tokens=2 * 4 * 32,
+                      eval_tokens=4 * 32, eval_every=100, progress=False, icl={"evals": []},
+                      checkpoint_dir=str(tmp_path)))
+    seen = {}
+
+    def recording_generate(model, prompt, n, **kw):
+        seen["prompt"] = prompt
+        return torch.zeros(prompt.shape[0], n, dtype=torch.long)
+
+    monkeypatch.setattr(sample, "generate", recording_generate)
+    assert sample.main([str(tmp_path), "--prompt", "ab", "--tokens", "40", "--device", "cpu"]) == 0
+    assert seen["prompt"].tolist() == [[ByteTokenizer().bos_id, ord("a"), ord("b")]]
+    assert "exceed the trained sequence length 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main([str(tmp_path), "--top-k", "-1"])
+    with pytest.raises(SystemExit, match="pass the directory that holds latest.pt"):
+        sample.main([str(tmp_path / "latest.pt")])
+
+
+def test_a_missing_bpe_tokenizer_is_an_error_not_a_retrain(tmp_path):
+    from lrt_model.data import DataError, build_text_dir_corpus
+    from lrt_model.tokenizer import get_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}.txt").write_text("hello world " * 50 + str(i))
+    corpus = build_text_dir_corpus(str(src), str(tmp_path / "corpus"))
+    with pytest.raises(DataError, match="tokenizer 'bpe:300' is not at .*tokenizer-bpe-300/tokenizer.json"):
+        get_tokenizer("bpe:300", corpus, train_if_missing=False)
