@@ -210,3 +210,23 @@ def test_expanded_cuda_graph_step_equals_the_eager_one():
                 outs.append(model.logits(hidden))
             results[mode] = torch.stack(outs)
     assert (results["cuda_graph"] - results["eager"]).abs().max() < 1e-3
+
+
+@cuda
+@pytest.mark.parametrize("strategy", ["interleaved", "sequential"])
+def test_evaluation_through_the_cuda_graph_equals_eager_under_bf16(strategy, monkeypatch):
+    """val bpb's sequential view through the captured step (one capture per batch, inside each
+    batch's autocast region) against the eager step."""
+    import lrt_model.decode as decode_mod
+    from lrt_model.evaluate import evaluate_bpb
+
+    model = lrt(T=32, strategy=strategy)
+    rows = torch.randint(0, 101, (6, 33), generator=torch.Generator().manual_seed(0))
+    token_bytes = torch.ones(101, dtype=torch.int64)
+    got = {}
+    for mode in ("eager", "cuda_graph"):
+        monkeypatch.setattr(decode_mod, "EVAL_DECODE", mode)
+        got[mode] = evaluate_bpb(model, rows, token_bytes, 4, torch.device("cuda"),
+                                 torch.autocast("cuda", dtype=torch.bfloat16))
+    assert got["cuda_graph"]["val_bpb_sequential"] == pytest.approx(got["eager"]["val_bpb_sequential"], rel=2e-3)
+    assert got["cuda_graph"]["val_bpb_full"] == got["eager"]["val_bpb_full"]

@@ -286,7 +286,11 @@ def _gpt(rec, seed=0):
 
 
 @pytest.mark.parametrize("rec", [None, RecurrenceConfig(strategy="interleaved", passes=2)])
-def test_branched_sequential_view_equals_stepping_every_row(rec):
+@pytest.mark.parametrize("mode", ["eager", "static"])  # static: the CUDA graph's step, uncaptured
+def test_branched_sequential_view_equals_stepping_every_row(rec, mode, monkeypatch):
+    import lrt_model.decode as decode_mod
+
+    monkeypatch.setattr(decode_mod, "EVAL_DECODE", mode)
     model = _gpt(rec)
     qs = _questions("recall", 4)[:3] + _questions("copy", 1)[:2]
     seqs = [s for q in qs for s in q.seqs]
@@ -299,7 +303,7 @@ def test_branched_sequential_view_equals_stepping_every_row(rec):
     shared = min(common_prefix(q.seqs) for q in qs)
     assert 10 < shared < L - 1
     with torch.no_grad(), _threads(1):  # tiny steps: one thread is much faster on busy cores
-        ref_loss, ref_ok = token_stats(sequential_logits(model, idx), tgt)
+        ref_loss, ref_ok = token_stats(sequential_logits(model, idx, "eager"), tgt)
         loss, ok = view_stats(SequentialView(ModelStepper(model)), idx, tgt, owner, shared)
         plain_loss, _ = view_stats(SequentialView(ModelStepper(model)), idx, tgt)
         full_loss, full_ok = token_stats(model(idx), tgt)
