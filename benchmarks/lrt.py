@@ -12,8 +12,9 @@ Design choices:
   (no allocator statistics) the bytes of tensors saved for backward, the
   activation memory that dominates a step's footprint.
 - Decode: steady-state greedy tokens/s of `generate`'s decode step (exact
-  recurrence for LRT) after a short prompt, prefill and graph capture excluded, at batch 1 and 8 (and 32 on CUDA),
-  for each `--decode-modes` entry (auto: a CUDA graph on CUDA, eager on CPU).
+  recurrence for LRT) after a short prompt, prefill and graph capture
+  excluded, at batch 1 and 8 (and 32 on CUDA), for each `--decode-modes`
+  entry (auto: a CUDA graph on CUDA, eager on CPU).
 - `--eval-modes`: the sequential-view evaluation (exact recurrence over 512
   positions of the batch) timed per decode mode, e.g. eager vs CUDA graph.
 - Needs only torch: runs on a GPU box without ray/mlflow/optuna.

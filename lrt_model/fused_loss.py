@@ -22,7 +22,8 @@ Design choices:
   gradient in fused kernels), compiled once and called per chunk. The chunk loop
   itself stays outside any caller's `torch.compile` graph: unrolled there, it
   adds 32 chunk copies to an LRT step's graph at depth 12, seq 2048, batch 16
-  (an H100 run did not finish compiling such a step in 250 s). On the CPU the chunk runs eagerly (no compiler start-up).
+  (an H100 run did not finish compiling such a step in 250 s). On the CPU the
+  chunk runs eagerly (no compiler start-up).
 """
 
 from __future__ import annotations

@@ -138,8 +138,15 @@ class BufferKV:
         return self.k[layer], self.v[layer], self.mask
 
 
-class _RowsCache:
-    """What both decoding caches share: branching rows."""
+class _DecodeCache:
+    """What both decoding caches share: per-layer K/V for `max_len` positions, and branching rows."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
+        self.depth, self.max_len = cfg.depth, max_len
+        self.max_positions = max_len
+        self.shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k: list = [None] * cfg.depth  # allocated on first write, in the dtype the model computes in
+        self.v: list = [None] * cfg.depth
 
     def select_rows(self, owner: torch.Tensor):
         """A cache whose row r is a copy of this cache's row owner[r] (e.g. the candidate
@@ -151,7 +158,7 @@ class _RowsCache:
         return new
 
 
-class KVCache(_RowsCache):
+class KVCache(_DecodeCache):
     """Decoding cache. Queries are consecutive positions [start, start+n).
     `write` with n > 1 fills a whole chunk (a prompt) at once.
 
@@ -160,12 +167,8 @@ class KVCache(_RowsCache):
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
-        self.depth, self.max_len = cfg.depth, max_len
-        self.max_positions = max_len
-        self.shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        super().__init__(cfg, batch, max_len)
         self.inplace = not torch.is_grad_enabled()
-        self.k: list = [None] * cfg.depth
-        self.v: list = [None] * cfg.depth
         self.length = 0  # positions written so far (all layers)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
@@ -174,7 +177,7 @@ class KVCache(_RowsCache):
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; generation needs {end}")
         if self.inplace:
-            if self.k[layer] is None:  # allocated on first use, in the dtype the model computes in
+            if self.k[layer] is None:
                 self.k[layer] = k.new_empty(self.shape)
                 self.v[layer] = v.new_empty(self.shape)
             self.k[layer][:, :, start:end] = k
@@ -192,7 +195,7 @@ class KVCache(_RowsCache):
         return keys, values, mask
 
 
-class StaticKVCache(_RowsCache):
+class StaticKVCache(_DecodeCache):
     """Decoding cache with shapes that never change, for CUDA-graph decoding: K/V are
     written at the query positions (a device tensor, so a captured step can be replayed
     at any position) and every query attends over all `max_len` slots under the mask
@@ -203,15 +206,11 @@ class StaticKVCache(_RowsCache):
     expands K/V per step: fine for short generations, slow for long ones.)"""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
-        self.depth, self.max_len = cfg.depth, max_len
-        self.max_positions = max_len
-        self.shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k: list = [None] * cfg.depth
-        self.v: list = [None] * cfg.depth
+        super().__init__(cfg, batch, max_len)
         self._mask = None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, q_pos):
-        if self.k[layer] is None:  # allocated on first use, in the dtype the model computes in
+        if self.k[layer] is None:
             self.k[layer] = k.new_zeros(self.shape)
             self.v[layer] = v.new_zeros(self.shape)
         self.k[layer].index_copy_(2, q_pos, k)
@@ -417,13 +416,13 @@ class GPT(nn.Module):
         # A decode step is bound by per-op overhead, not arithmetic: there, every layer's
         # x0 term (with the residual memory folded in) and gated-K/V memory terms are made
         # in one op each, up front, and each layer's residual mix is a single addcmul.
-        decode_step = n == 1 and not torch.is_grad_enabled()
+        one_token_step = n == 1 and not torch.is_grad_enabled()
         x0_terms = kv_all = None
-        if decode_step:
+        if one_token_step:
             x0_terms = self.x0_lambdas.view(-1, 1, 1, 1) * x0
             if memory is not None and self.gamma is not None:
                 x0_terms = torch.addcmul(x0_terms, self.gamma.view(-1, 1, 1, 1), memory)
-        if decode_step and shared_kv is not None and self.blocks[0].attn.mem_gate_k is not None:
+        if one_token_step and shared_kv is not None and self.blocks[0].attn.mem_gate_k is not None:
             gk = torch.stack([b.attn.mem_gate_k for b in self.blocks]).view(-1, 1, 1, self.cfg.kv_heads, 1)
             gv = torch.stack([b.attn.mem_gate_v for b in self.blocks]).view(-1, 1, 1, self.cfg.kv_heads, 1)
             kv_all = (shared_kv[0] * gk, shared_kv[1] * gv)

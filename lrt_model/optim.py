@@ -9,10 +9,11 @@ Design choices:
   Newton-Schulz, bit-identical on the CPU) with the iteration run on all
   same-shape matrices at once (`baddbmm`), not one matrix at a time: a
   depth-12 model has 72 matrices in 3 shapes, so about 70 kernel launches
-  replace about 1,700 (counted from the code: ~24 per matrix or per shape). `OptimConfig.muon`: "auto" (default) takes it on CUDA, where the
-  library's loop is launch-bound (an H100 profile at depth 12: 23 of 75 ms
-  of a step), and the library's loop on the CPU, where batching measured
-  0.9x at depth 4 but 1.14x at depth 12 (`python -m benchmarks.muon`).
+  replace about 1,700 (counted from the code: ~24 per matrix or per shape).
+  `OptimConfig.muon`: "auto" (default) takes it on CUDA, where the library's
+  loop is launch-bound (an H100 profile at depth 12: 23 of 75 ms of a step),
+  and the library's loop on the CPU, where batching measured 0.75-0.91x at
+  depth 4 but 1.14x at depth 12 (`python -m benchmarks.muon`).
 - LR scaling: AdamW learning rates scale with width as (d_model / 768)^-0.5
   (nanochat); all learning rates scale with the batch as
   sqrt(batch_tokens / reference_batch_tokens) when a reference is given

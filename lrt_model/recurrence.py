@@ -25,7 +25,7 @@ import torch
 
 from . import decode as decode_mod
 from .decode import decode_step
-from .model import GPT, BufferKV, KVCache, SelfKV, apply_rotary, rms_norm, shift_memory
+from .model import GPT, BufferKV, SelfKV, apply_rotary, rms_norm, shift_memory
 
 
 @dataclass
@@ -154,22 +154,12 @@ def sequential_hidden(model: GPT, idx: torch.Tensor, decode: str | None = None) 
     With autograd (the sequential strategy's training) the cache grows by concatenation,
     so every step stays in the graph of the loss."""
     B, T = idx.shape
-    if not torch.is_grad_enabled():
-        step = decode_step(model, B, T, decode or decode_mod.EVAL_DECODE)
-        memory, outs = None, []
-        for t in range(T):
-            hidden, memory = step(idx[:, t : t + 1], t, memory)
-            outs.append(hidden.clone())  # a graph's output buffer is overwritten by the next step
-        return torch.stack(outs, dim=1)
-    cache = KVCache(model.cfg, B, T)
+    step = decode_step(model, B, T, (decode or decode_mod.EVAL_DECODE) if not torch.is_grad_enabled() else "eager")
     memory, outs = None, []
     for t in range(T):
-        pos = torch.tensor([t], device=idx.device)
-        out = model.run(idx[:, t : t + 1], pos, memory, cache)
-        outs.append(out.hidden)
-        if model.rec is not None:
-            memory = out.source
-    return torch.cat(outs, dim=1)
+        hidden, memory = step(idx[:, t : t + 1], t, memory)
+        outs.append(hidden.clone())  # a graph's output buffer is overwritten by the next step
+    return torch.stack(outs, dim=1)
 
 
 @torch.no_grad()
