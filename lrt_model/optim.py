@@ -47,6 +47,7 @@ class OptimConfig:
     warmdown_frac: float = 0.5
     final_lr_frac: float = 0.0
     muon: str = "auto"  # "batched" (BatchedMuon), "torch" (torch.optim.Muon's loop), "auto": batched on CUDA
+    lr_scale: float = 1.0  # multiplies every learning rate: one dial a tuning search moves for every arm alike
 
 
 class BatchedMuon(torch.optim.Muon):
@@ -124,9 +125,9 @@ def param_groups(model: GPT) -> tuple[list, list]:
 
 
 def build_optimizers(model: GPT, cfg: OptimConfig, batch_tokens: int) -> list[torch.optim.Optimizer]:
-    batch_scale = 1.0
+    batch_scale = cfg.lr_scale
     if cfg.reference_batch_tokens:
-        batch_scale = (batch_tokens / cfg.reference_batch_tokens) ** 0.5
+        batch_scale *= (batch_tokens / cfg.reference_batch_tokens) ** 0.5
     width_scale = (model.cfg.d_model / 768) ** -0.5
     muon_params, adam_sets = param_groups(model)
     adam_lrs = {"embedding": cfg.embedding_lr, "unembedding": cfg.unembedding_lr, "scalar": cfg.scalar_lr}

@@ -376,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--matrix-lr", type=float, default=OptimConfig.matrix_lr)
     t.add_argument("--embedding-lr", type=float, default=OptimConfig.embedding_lr)
     t.add_argument("--unembedding-lr", type=float, default=OptimConfig.unembedding_lr)
+    t.add_argument("--lr-scale", type=float, default=OptimConfig.lr_scale, help="multiplies every learning rate")
     t.add_argument("--warmdown-frac", type=float, default=OptimConfig.warmdown_frac)
     t.add_argument("--muon", choices=["auto", "batched", "torch"], default=OptimConfig.muon,
                    help="Muon's Newton-Schulz: all same-shape matrices at once (batched), torch.optim.Muon's per-matrix loop (torch), or auto: batched on CUDA")
@@ -411,7 +412,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = ModelConfig(depth=args.depth, width=args.width, head_dim=args.head_dim, n_kv_head=args.n_kv_head,
                         seq_len=args.seq_len, value_embeds=args.value_embeds, recurrence=rec)
     optim = OptimConfig(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                        unembedding_lr=args.unembedding_lr, warmdown_frac=args.warmdown_frac, muon=args.muon)
+                        unembedding_lr=args.unembedding_lr, warmdown_frac=args.warmdown_frac, muon=args.muon,
+                        lr_scale=args.lr_scale)
     budget = {"tokens": int(args.tokens) if args.tokens is not None else None, "flops": args.flops,
               "tokens_per_param": args.tokens_per_param}
     if all(v is None for v in budget.values()):

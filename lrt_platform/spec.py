@@ -48,6 +48,9 @@ MODEL_SEARCH_FIELDS = ("width", "head_dim", "n_kv_head", "value_embeds", "softca
 # fields that say where or how a sweep runs, not what it computes: not part of the hash
 UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_trials"}, "failure": {"max_failures"},
             "optim": {"muon"}}
+# fields added after sweeps were already running: left out of the hash while unset (None), so a running
+# sweep keeps its hash (and its storage) and only a spec that sets them gets a new one; "*" = every list item
+HASHED_ONLY_WHEN_SET = (("optim", "lr_scale"),)
 
 
 class SpecError(ValueError):
@@ -215,6 +218,7 @@ class OptimSpec(_Strict):
     warmup_frac: float | None = Field(None, ge=0, le=1)
     warmdown_frac: float | None = Field(None, ge=0, le=1)
     final_lr_frac: float | None = Field(None, ge=0, le=1)
+    lr_scale: PosFloat | None = None  # multiplies every learning rate
     muon: Literal["auto", "batched", "torch"] | None = None  # how Muon runs (same update up to bf16 rounding): not searched, not hashed
 
     def overrides(self) -> dict:
@@ -564,7 +568,23 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, (int, float, str, bool)) or v is None
 
 
+def _drop_unset(data: Any, path: tuple) -> None:
+    if not path or not isinstance(data, (dict, list)):
+        return
+    head, rest = path[0], path[1:]
+    if head == "*":
+        for item in data if isinstance(data, list) else []:
+            _drop_unset(item, rest)
+    elif isinstance(data, dict) and head in data:
+        if not rest and data[head] is None:
+            del data[head]
+        else:
+            _drop_unset(data[head], rest)
+
+
 def spec_hash(spec: Spec) -> str:
     data = spec.model_dump(mode="json", exclude=UNHASHED)
+    for path in HASHED_ONLY_WHEN_SET:
+        _drop_unset(data, path)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
