@@ -15,6 +15,11 @@ Design choices:
   multi_refine K: K+1 full passes -> (K+1)x, plus K memory projections.
   sequential: baseline matmuls, attention over the growing prefix
   (average (T+1)/2 keys), one memory projection per token.
+- A run's FLOPs (`training_flops`) sum each step's FLOPs at that step's
+  passes (`RecurrenceConfig.passes_segments`), so a `passes_schedule` is
+  counted exactly, step by step. Interleaved S without K/V refresh costs the
+  same at every S (the subset passes together recompute each position once);
+  a K schedule or a refreshed S schedule changes the cost per step.
 """
 
 from __future__ import annotations
@@ -54,22 +59,55 @@ def baseline_flops_per_token(cfg: ModelConfig) -> float:
     return 6 * matmul_params(cfg) + attention_flops_per_token(cfg, cfg.seq_len)
 
 
-def training_flops_per_token(cfg: ModelConfig) -> float:
-    """Forward+backward FLOPs per training token for the config's strategy."""
+def training_flops_per_token(cfg: ModelConfig, passes: int | None = None) -> float:
+    """Forward+backward FLOPs per training token for the config's strategy at `passes`
+    S or K (default the config's `passes`)."""
     rec = cfg.recurrence
     base = baseline_flops_per_token(cfg)
     if rec is None:
         return base
+    passes = rec.passes if passes is None else passes
     mem = 6 * memory_projection_params(cfg)
     T = cfg.seq_len
     if rec.strategy == "interleaved":
-        S = min(rec.passes, T)
+        S = min(passes, T)
         refreshes = max(0, S - 1) if rec.refresh_kv and rec.uses_kv else 0
         return 2 * base + mem * (1 + refreshes)
     if rec.strategy == "multi_refine":
-        return (rec.passes + 1) * base + mem * rec.passes
+        return (passes + 1) * base + mem * passes
     # sequential
     return 6 * matmul_params(cfg) + attention_flops_per_token(cfg, (T + 1) / 2) + mem
+
+
+def _scheduled(cfg: ModelConfig) -> bool:
+    return cfg.recurrence is not None and cfg.recurrence.passes_schedule is not None
+
+
+def training_flops(cfg: ModelConfig, steps: int, batch_tokens: int, total_steps: int | None = None) -> float:
+    """Exact training FLOPs of the first `steps` optimiser steps of a `total_steps`-step run (default:
+    the whole run of `steps`) with `batch_tokens` tokens per step, each step at its scheduled passes."""
+    if not _scheduled(cfg):  # same arithmetic, in the same order, as before schedules existed
+        return steps * batch_tokens * training_flops_per_token(cfg)
+    segments = cfg.recurrence.passes_segments(total_steps or steps)
+    return sum(max(0, min(end, steps) - start) * batch_tokens * training_flops_per_token(cfg, passes)
+               for start, end, passes in segments)
+
+
+def run_flops_per_token(cfg: ModelConfig, total_steps: int) -> float:
+    """A `total_steps`-step run's average training FLOPs per token (its only value without a schedule)."""
+    if not _scheduled(cfg):
+        return training_flops_per_token(cfg)
+    return training_flops(cfg, total_steps, 1) / total_steps
+
+
+def mean_flops_per_token(cfg: ModelConfig) -> float:
+    """The average FLOPs per token of a long run: each scheduled value weighted by its fraction of the
+    steps. For turning a FLOPs budget into a first step count; `training_flops` is the exact count."""
+    if not _scheduled(cfg):
+        return training_flops_per_token(cfg)
+    sched = cfg.recurrence.passes_schedule
+    ends = [f for f, _ in sched[1:]] + [1.0]
+    return sum((end - f) * training_flops_per_token(cfg, p) for (f, p), end in zip(sched, ends))
 
 
 def baseline_equivalent(cfg: ModelConfig) -> float:

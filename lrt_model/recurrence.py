@@ -15,6 +15,9 @@ Design choices:
   states as memory (a Jacobi iteration; exact after T-1 refinements).
 - sequential: the exact recurrence token by token through a KV cache; this is
   what decoding delivers and what `sequential` bpb measures.
+- `forward_passes`/`training_loss` take an explicit `passes` (the trainer's
+  scheduled S or K for the step, from `RecurrenceConfig.passes_at`) rather
+  than a mutated config; None means the config's `passes` (evaluation).
 """
 
 from __future__ import annotations
@@ -49,15 +52,17 @@ class Passes:
         return out
 
 
-def forward_passes(model: GPT, idx: torch.Tensor) -> Passes:
-    """The training-time forward of the model's configured strategy."""
+def forward_passes(model: GPT, idx: torch.Tensor, passes: int | None = None) -> Passes:
+    """The training-time forward of the model's configured strategy, with `passes` S or K
+    (default the config's `passes`)."""
     rec = model.rec
     if rec is None:
         return Passes(model, [model.run(idx, None, None, SelfKV(model.cfg.depth)).hidden], [None])
+    passes = rec.passes if passes is None else passes
     if rec.strategy == "interleaved":
-        return interleaved(model, idx, rec.passes, rec.refresh_kv)
+        return interleaved(model, idx, passes, rec.refresh_kv)
     if rec.strategy == "multi_refine":
-        return multi_refine(model, idx, rec.passes, rec.detach)
+        return multi_refine(model, idx, passes, rec.detach)
     return Passes(model, [sequential_hidden(model, idx)], [None])
 
 
@@ -71,16 +76,17 @@ def pass_weights(model: GPT, n_passes: int) -> list[float]:
     return [x / total for x in w]
 
 
-def training_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Passes]:
+def training_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor,
+                  passes: int | None = None) -> tuple[torch.Tensor, Passes]:
     """Weighted mean over passes of each pass's token-mean cross-entropy
-    (targets < 0 are ignored)."""
-    passes = forward_passes(model, idx)
-    weights = pass_weights(model, len(passes.hidden))
+    (targets < 0 are ignored); `passes` is this step's S or K (default the config's)."""
+    out = forward_passes(model, idx, passes)
+    weights = pass_weights(model, len(out.hidden))
     loss = 0.0
-    for w, pos, hidden in zip(weights, passes.positions, passes.hidden):
+    for w, pos, hidden in zip(weights, out.positions, out.hidden):
         tgt = targets if pos is None else targets[:, pos]
         loss = loss + w * model.loss(hidden, tgt)
-    return loss, passes
+    return loss, out
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """LRT recurrence against the exact sequential reference (float64)."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -9,7 +10,7 @@ from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
 from lrt_model.decode import generate
 from lrt_model.model import GPT
 from lrt_model.recurrence import (
-    interleaved, multi_refine, naive_sequential_logits, sequential_logits, training_loss,
+    forward_passes, interleaved, multi_refine, naive_sequential_logits, sequential_logits, training_loss,
 )
 
 T, V = 10, 53
@@ -237,3 +238,81 @@ def test_recompute_mlp_changes_memory_not_the_numbers(strategy):
 def test_recompute_mlp_is_refused_for_sequential():
     with pytest.raises(ConfigError, match="recompute_mlp only applies"):
         RecurrenceConfig(strategy="sequential", recompute_mlp=True).validate(4)
+
+
+# ---------------------------------------------------------------------------
+# passes_schedule
+
+
+def test_schedule_reaching_s_equal_t_is_the_exact_recurrence():
+    """The scheduled value, not the config's, drives the passes: S = T (K = T-1) is exact, S = 2 is not."""
+    total = 10
+    for strategy, cheap, exact in (("interleaved", 2, T), ("multi_refine", 1, T - 1)):
+        model = lrt(strategy=strategy, passes=exact, passes_schedule=[[0.0, cheap], [0.5, exact]])
+        rec, idx = model.rec, tokens()
+        with torch.no_grad():
+            reference = naive_sequential_logits(model, idx)
+            early = forward_passes(model, idx, rec.passes_at(0, total)).merged()
+            late = forward_passes(model, idx, rec.passes_at(total // 2, total)).merged()
+        assert (late - reference).abs().max() < 1e-12, strategy
+        assert (early - reference).abs().max() > 1e-3, strategy  # the early, cheap passes really ran
+
+
+def test_schedule_validation_names_the_field_and_the_fix():
+    cases = {
+        "non-empty list": dict(passes_schedule=[]),
+        r"make the first entry \[0.0, passes\]": dict(passes_schedule=[[0.2, 2]]),
+        "strictly increasing": dict(passes=4, passes_schedule=[[0.0, 2], [0.5, 8], [0.5, 4]]),
+        "0 <= fraction < 1": dict(passes=4, passes_schedule=[[0.0, 2], [1.0, 4]]),
+        "integer passes >= 1": dict(passes_schedule=[[0.0, 2.5]]),
+        "set passes=8": dict(passes=2, passes_schedule=[[0.0, 2], [0.6, 8]]),
+        "loss_weights cannot be combined": dict(passes=4, passes_schedule=[[0.0, 2], [0.6, 4]], loss_weights=[1] * 5),
+        "drop it for sequential": dict(strategy="sequential", passes_schedule=[[0.0, 2]]),
+    }
+    for fragment, fields in cases.items():
+        with pytest.raises(ConfigError, match=fragment) as e:
+            RecurrenceConfig(**fields).validate(4)
+        assert "passes_schedule" in str(e.value) and "\n" not in str(e.value)
+    rec = RecurrenceConfig(strategy="multi_refine", passes=3, passes_schedule=[(0.0, 1), (0.25, 3)])
+    rec.validate(4)
+    assert rec.passes_schedule == [[0.0, 1], [0.25, 3]]  # tuples (YAML) and lists (JSON) are one value
+    assert [rec.passes_at(s, 8) for s in range(8)] == [1, 1, 3, 3, 3, 3, 3, 3]
+
+
+def _scheduled_run(**kw):
+    from lrt_model.train import TrainConfig
+
+    rec = RecurrenceConfig(strategy="interleaved", passes=8, passes_schedule=[[0.0, 2], [0.6, 4], [0.9, 8]])
+    model = ModelConfig(depth=1, head_dim=16, width=32, seq_len=32, recurrence=rec)
+    return TrainConfig(model=model, batch_size=2, tokens=10 * 2 * 32, eval_tokens=2 * 32, eval_every=5, progress=False,
+                       icl={"evals": []}, **kw)
+
+
+def test_training_switches_passes_on_schedule_and_resumes_bit_identically(tmp_path, monkeypatch):
+    """10 steps: S=2 for steps 0-5, S=4 for 6-8, S=8 for step 9; FLOPs summed at those S; a run stopped
+    mid-schedule (after step 7, inside S=4) resumes into exactly the same numbers."""
+    import lrt_model.train as train_mod
+    from lrt_model.flops import training_flops
+
+    used = []
+    real = train_mod.training_loss
+
+    def spy(model, idx, targets, passes=None):
+        used.append(passes)
+        return real(model, idx, targets, passes)
+
+    monkeypatch.setattr(train_mod, "training_loss", spy)
+    straight = train_mod.train(_scheduled_run())
+    assert used == [2] * 6 + [4] * 3 + [8]
+    mcfg = dataclasses.replace(_scheduled_run().model, vocab_size=257)
+    assert straight["flops"] == training_flops(mcfg, 10, 64)
+    assert [e["flops"] for e in straight["evals"]] == [training_flops(mcfg, s, 64, 10) for s in (0, 5, 10)]
+    assert straight["flops_per_token"] == pytest.approx(straight["flops"] / straight["tokens"])
+
+    used.clear()
+    first = train_mod.train(_scheduled_run(checkpoint_dir=str(tmp_path), stop_after_steps=8))
+    resumed = train_mod.train(_scheduled_run(checkpoint_dir=str(tmp_path)))
+    assert first["steps"] == 8 and resumed["steps"] == 10
+    assert used == [2] * 6 + [4] * 2 + [4] + [8]  # the resumed run picks the schedule up at step 8
+    for key in ("train_loss", "val_bpb", "val_bpb_merged", "flops"):
+        assert resumed[key] == straight[key], key
