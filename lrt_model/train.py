@@ -41,7 +41,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, RecurrenceConfig
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
 from .evaluate import evaluate_bpb
-from .flops import peak_flops, training_flops_per_token
+from .flops import mean_flops_per_token, peak_flops, run_flops_per_token, training_flops
 from .icl import evaluate_icl, icl_config
 from .model import GPT
 from .optim import OptimConfig, build_optimizers, set_schedule
@@ -96,8 +96,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, idx, targets):
-        return training_loss(self.model, idx, targets)[0]
+    def forward(self, idx, targets, passes=None):
+        return training_loss(self.model, idx, targets, passes)[0]
 
 
 def _device(name: str) -> torch.device:
@@ -120,7 +120,7 @@ def plan_tokens(cfg: TrainConfig, n_params: int) -> int:
     if cfg.tokens is not None:
         return int(cfg.tokens)
     if cfg.flops is not None:
-        return int(cfg.flops / training_flops_per_token(cfg.model))
+        return int(cfg.flops / mean_flops_per_token(cfg.model))  # a passes_schedule's long-run average
     return int(cfg.tokens_per_param * n_params)
 
 
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     grad_accum = total_batch // (micro_tokens * world)
     tokens_budget = plan_tokens(cfg, n_params)
     total_steps = max(1, math.ceil(tokens_budget / total_batch))
-    flops_per_token = training_flops_per_token(mcfg)
+    flops_per_token = run_flops_per_token(mcfg, total_steps)  # the run's average under a passes_schedule
     eval_every = cfg.eval_every or max(1, math.ceil(total_steps / 8))
 
     optimizers = build_optimizers(model, cfg.optim, total_batch)
@@ -215,16 +215,19 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
 
     def evaluate() -> dict:
         metrics = evaluate_bpb(model, val_rows, token_bytes, cfg.batch_size * 4, device, autocast)
-        point = {"step": step, "tokens": step * total_batch, "flops": step * total_batch * flops_per_token, **metrics}
+        point = {"step": step, "tokens": step * total_batch, "flops": flops_done(), **metrics}
         evals.append(point)
         speed = {"tokens_per_s": _tok_s()}
         if peak:  # model FLOPs utilisation, from the FLOPs module and the card's bf16 peak
-            speed["mfu"] = flops_per_token * _tok_s() / (peak * world)  # tokens/s counts all ranks
+            speed["mfu"] = flops_done() / train_seconds / (peak * world) if train_seconds > 0 else 0.0  # all ranks
         emit({"event": "eval", "train_loss": last_loss, **speed, **point})
         return point
 
     def _tok_s() -> float:
         return (step * total_batch) / train_seconds if train_seconds > 0 else 0.0
+
+    def flops_done() -> float:  # exact and cumulative: each step at its scheduled passes
+        return training_flops(mcfg, step, total_batch, total_steps)
 
     def save_checkpoint() -> None:
         if not cfg.checkpoint_dir or rank != 0:
@@ -252,13 +255,14 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     while step < stop_at:
         t0 = time.time()
         set_schedule(optimizers, step, total_steps, cfg.optim)
+        passes = mcfg.recurrence.passes_at(step, total_steps) if mcfg.recurrence else None  # a function of step alone
         loss_sum = 0.0
         for micro in range(grad_accum):
             inputs, targets = (t.to(device) for t in loader.next_batch())
             sync = world == 1 or micro == grad_accum - 1
             ctx = loss_module.no_sync() if (world > 1 and not sync) else _null()
             with ctx, autocast:
-                loss = step_fn(inputs, targets)
+                loss = step_fn(inputs, targets, passes)
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
         for opt in optimizers:
@@ -290,7 +294,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         "params": n_params,
         "param_overhead": model.param_overhead(),
         "tokens": step * total_batch,
-        "flops": step * total_batch * flops_per_token,
+        "flops": flops_done(),
         "flops_per_token": flops_per_token,
         "steps": step,
         "total_steps": total_steps,
@@ -317,7 +321,11 @@ def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
 
     def what_it_computes(config: dict) -> dict:
         optim = {k: v for k, v in (config.get("optim") or {}).items() if k not in _RUN_INDEPENDENT_OPTIM}
-        return {**{k: v for k, v in config.items() if k not in _RUN_INDEPENDENT}, "optim": optim}
+        out = {**{k: v for k, v in config.items() if k not in _RUN_INDEPENDENT}, "optim": optim}
+        rec = (config.get("model") or {}).get("recurrence")
+        if rec and rec.get("passes_schedule") is None:  # unset = a checkpoint saved before the field existed
+            out["model"] = {**config["model"], "recurrence": {k: v for k, v in rec.items() if k != "passes_schedule"}}
+        return out
 
     saved, now = what_it_computes(saved), what_it_computes(cfg.to_dict())
     diff = [k for k in now if saved.get(k) != now[k]]
@@ -362,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refresh-kv", action="store_true")
     r.add_argument("--detach", action="store_true")
     r.add_argument("--loss-weights", type=float, nargs="+", default=None)
+    r.add_argument("--passes-schedule", type=json.loads, default=None,
+                   help='JSON [[fraction, passes], ...], e.g. "[[0.0, 2], [0.6, 4], [0.9, 8]]"; --passes = the last value')
     r.add_argument("--recompute-mlp", action="store_true",
                    help="passes after pass 0 recompute their MLP activations in backward (less memory, ~5%% more compute)")
     t = p.add_argument_group("training")
@@ -407,7 +417,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             source_layer=args.source_layer, injection=args.injection, projection=args.projection,
             gates=not args.no_gates, gamma_init=args.gamma_init, strategy=args.strategy, passes=args.passes,
             refresh_kv=args.refresh_kv, detach=args.detach, loss_weights=args.loss_weights,
-            recompute_mlp=args.recompute_mlp,
+            passes_schedule=args.passes_schedule, recompute_mlp=args.recompute_mlp,
         )
     model = ModelConfig(depth=args.depth, width=args.width, head_dim=args.head_dim, n_kv_head=args.n_kv_head,
                         seq_len=args.seq_len, value_embeds=args.value_embeds, recurrence=rec)
