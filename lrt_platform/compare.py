@@ -18,6 +18,26 @@ Design choices:
   relative differences d_i / baseline_i; mean with a 95% confidence interval
   mean +- t(0.975, n-1) * sd / sqrt(n) (Student t over the paired
   differences). With one pair the std and CI are undefined and shown as such.
+- Verdict per comparison, from that CI (bpb: lower is better): `lrt_better`
+  if its upper bound < 0, `lrt_worse` if its lower bound > 0, else
+  `no_conclusion` (also with < 2 pairs, when the CI is undefined; `verdict_note`
+  says why).
+- Power of that verdict: a two-sided paired t-test at alpha 0.05, with the sd
+  of the paired differences taken as the observed one (ddof=1). Power at
+  effect d with n pairs is exact from the noncentral t: P(|T'| > t(0.975,
+  n-1)), T' ~ nct(n-1, d*sqrt(n)/sd) (scipy.stats.nct). `mde`: the |d| with
+  power 0.8 at the observed n, solved by brentq (`mde_relative` = mde /
+  baseline mean bpb of the pairs); sd == 0 gives 0, < 2 pairs None + note.
+  `seeds_needed`: the least n >= 2 with power >= 0.8 for the stated effect
+  `effect` = --effect (relative, default 0.02: the LRT paper's 2% gain) x
+  the baseline mean bpb; None + note beyond 10,000 pairs. The observed sd is
+  itself uncertain with few pairs, so both figures are estimates.
+- Tuning per comparison, from the runs' `tuning` tag (JSON: sampler, trials,
+  space, seed, best, best_value) or, in a classic search sweep, the
+  search=true tag (that arm is "searched by Optuna (N trials)"); no tag:
+  "untuned (spec defaults)". `equal` only when both sides carry tags with the
+  same sampler, trial count and space; anything else is a WARNING note,
+  because then the delta mixes the architecture with the tuning effort.
 - Scaling: per arm, mean bpb per budget against mean training FLOPs, fitted by
   least squares to L(C) = E + A * C^-alpha when the arm has >= 3 budgets.
   Method (variable projection): with C normalised by its geometric mean C0,
@@ -43,6 +63,7 @@ Example:
     python -m lrt_platform.compare --experiment quickstart
     python -m lrt_platform.compare --experiment scaling --format markdown --plots plots/
     python -m lrt_platform.compare --experiment scaling --format json --tracking-uri http://127.0.0.1:5000
+    python -m lrt_platform.compare --experiment scaling --effect 0.01   # seeds needed for a 1% effect
 """
 
 from __future__ import annotations
@@ -62,13 +83,22 @@ import numpy as np
 from .tracking import Tracker, TrackingError
 
 CI_LEVEL = 0.95
+ALPHA = 0.05  # = 1 - CI_LEVEL: two-sided level of the paired t-test behind the verdict and the power figures
+POWER = 0.80
+DEFAULT_EFFECT = 0.02  # the LRT paper's relative bpb gain over the baseline
+MAX_SEEDS = 10_000
+POWER_METHOD = (f"two-sided paired t-test, alpha {ALPHA:g}: power from the noncentral t (n-1 dof, "
+                f"ncp = effect * sqrt(n) / sd, sd = the observed sd of the paired differences); "
+                f"MDE solves power = {POWER:g} exactly (brentq); seeds = the least n reaching {POWER:g}")
 ALPHA_BOUNDS = (1e-3, 3.0)
 _NON_SEARCH_PARAMS = ("seed", "checkpoint_dir", "checkpoint_every", "progress", "stop_after_steps", "device")
 
 
-def compare(tracking_uri: str | None, experiment: str, sweep_run_id: str | None = None) -> dict:
-    """The comparison report of one sweep (the latest sweep run of the experiment if None)."""
-    return build_report(Tracker(tracking_uri, experiment).load_sweep(sweep_run_id))
+def compare(tracking_uri: str | None, experiment: str, sweep_run_id: str | None = None,
+            effect: float = DEFAULT_EFFECT) -> dict:
+    """The comparison report of one sweep (the latest sweep run of the experiment if None);
+    `effect`: the relative bpb effect that `seeds_needed` is sized for."""
+    return build_report(Tracker(tracking_uri, experiment).load_sweep(sweep_run_id), effect)
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +134,105 @@ def paired(diffs: list[float]) -> dict:
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def verdict(delta: dict) -> tuple[str, str | None]:
+    """lrt_better / lrt_worse when the 95% CI of the paired bpb delta excludes 0 (lower bpb is better)."""
+    ci = delta["ci95"]
+    if ci is None:
+        return "no_conclusion", f"CI undefined with {delta['n']} pair(s); a verdict needs >= 2"
+    if ci[1] < 0:
+        return "lrt_better", None
+    if ci[0] > 0:
+        return "lrt_worse", None
+    return "no_conclusion", "the 95% CI includes 0"
+
+
+# ---------------------------------------------------------------------------
+# Power of the paired t-test
+
+
+def _check_power_args(sd: float, n: int | None, alpha: float, power: float | None = None) -> None:
+    if n is not None and n < 2:
+        raise ValueError(f"n={n}: a paired t-test needs >= 2 pairs")
+    if not sd >= 0:
+        raise ValueError(f"sd={sd}: the sd of the paired differences must be >= 0")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha}: use a level in (0, 1), e.g. 0.05")
+    if power is not None and not alpha < power < 1:
+        raise ValueError(f"power={power}: use a power in (alpha, 1), e.g. 0.8")
+
+
+def paired_power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of a two-sided paired t-test (n pairs, level alpha) when the differences have mean `effect`
+    and sd `sd`: P(|T'| > t(1 - alpha/2, n-1)), T' noncentral t with n-1 dof and ncp effect*sqrt(n)/sd."""
+    _check_power_args(sd, n, alpha)
+    if sd == 0:  # no noise: any non-zero effect is certain to show, a zero one is rejected at the size alpha
+        return 1.0 if effect != 0 else alpha
+    from scipy import stats
+
+    df, ncp = n - 1, abs(effect) * math.sqrt(n) / sd
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    # lower tail by symmetry, P(T'(ncp) < -crit) = P(T'(-ncp) > crit): nct.cdf there returns NaN for some ncp
+    return float(min(1.0, stats.nct.sf(crit, df, ncp) + stats.nct.sf(crit, df, -ncp)))
+
+
+def min_detectable_effect(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The |effect| a paired t-test with n pairs detects with probability `power`: power(effect) = power,
+    solved by brentq in units of sd (power rises monotonically with |effect|)."""
+    _check_power_args(sd, n, alpha, power)
+    if sd == 0:
+        return 0.0
+    from scipy.optimize import brentq
+
+    f = lambda x: paired_power(x, 1.0, n, alpha) - power  # noqa: E731 - x = effect / sd
+    hi = 1.0
+    while f(hi) < 0:  # bracket the root; n=2 needs x ~ 30, so a few doublings at most
+        hi *= 2
+    return float(brentq(f, 0.0, hi, xtol=1e-12, rtol=1e-12)) * sd
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, power: float = POWER,
+                 max_n: int = MAX_SEEDS) -> int | None:
+    """The smallest n >= 2 paired seeds at which a paired t-test detects `effect` with probability `power`;
+    None if more than max_n are needed (or effect == 0). Power rises with n, so doubling then bisection."""
+    _check_power_args(sd, None, alpha, power)
+    if effect == 0:
+        return None
+    if sd == 0:
+        return 2
+    ok = lambda n: paired_power(effect, sd, n, alpha) >= power  # noqa: E731
+    if ok(2):
+        return 2
+    lo, hi = 2, 4  # invariant: ok(hi) once found, not ok(lo)
+    while not ok(hi):
+        if hi >= max_n:
+            return None
+        lo, hi = hi, min(2 * hi, max_n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def power_fields(delta: dict, baseline_mean: float | None, effect_relative: float) -> dict:
+    """The report's power keys for one comparison: mde (+ relative), seeds_needed for the stated effect."""
+    n, sd = delta["n"], delta["std"]
+    effect = effect_relative * baseline_mean if baseline_mean else None
+    out = {"effect": effect, "effect_relative": effect_relative, "mde": None, "mde_relative": None,
+           "seeds_needed": None}
+    if n < 2 or sd is None:
+        out["mde_note"] = out["seeds_note"] = f"needs >= 2 pairs for the sd of the paired differences (has {n})"
+        return out
+    out["mde"] = min_detectable_effect(sd, n)
+    out["mde_relative"] = out["mde"] / baseline_mean if baseline_mean else None
+    if effect is None:
+        out["seeds_note"] = "no baseline mean bpb to scale the effect by"
+        return out
+    out["seeds_needed"] = seeds_needed(effect, sd)
+    if out["seeds_needed"] is None:
+        out["seeds_note"] = f"more than {MAX_SEEDS} pairs needed"
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -253,8 +382,19 @@ def trial_record(run: dict) -> dict:
         "interleave_gap": _float(m.get("interleave_gap")),
         "icl": {k: float(v) for k, v in sorted(m.items()) if k.startswith("icl_")},
         "trial_number": tags.get("trial_number"), "start_time": run.get("start_time"),
-        "search": tags.get("search") == "true",
+        "search": tags.get("search") == "true", "tuning": _tuning_tag(tags.get("tuning")),
     }
+
+
+def _tuning_tag(raw: str | None) -> dict | None:
+    """The `tuning` tag's JSON (sampler, trials, space, seed, best, best_value); None if absent."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {"unreadable": raw[:200]}
 
 
 def arm_summary(trials: list[dict]) -> dict:
@@ -292,10 +432,12 @@ def _budget_order(trials: list[dict]) -> list[str]:
     return sorted(flops, key=lambda b: (np.mean(flops[b]), b))
 
 
-def build_report(data: dict) -> dict:
-    """The report from `Tracker.load_sweep` output (plain dicts)."""
+def build_report(data: dict, effect: float = DEFAULT_EFFECT) -> dict:
+    """The report from `Tracker.load_sweep` output (plain dicts); `effect` as in `compare`."""
+    if not (isinstance(effect, (int, float)) and 0 < effect < 1):
+        raise ValueError(f"effect={effect!r}: give the relative bpb effect in (0, 1), e.g. 0.02 for 2%")
     sweep = data["sweep"]
-    trials = [trial_record(r) for r in data["trials"]]
+    trials = [trial_record(r) for r in data["trials"] if r["tags"].get("tuning_trial") != "true"]  # tuning: unpaired
     usable = [t for t in trials if t["problem"] is None]
     excluded = [{k: t[k] for k in ("run_id", "name", "arm", "budget_id", "pair_id", "seed", "status", "problem")}
                 for t in trials if t["problem"] is not None]
@@ -305,7 +447,7 @@ def build_report(data: dict) -> dict:
     budgets = _budget_order(trials)
     row_order = sorted(groups, key=lambda k: (budgets.index(k[0]), k[1] != "baseline", k[1]))
     arms = [arm_summary(groups[k]) for k in row_order]
-    comparisons, unmatched, notes = _comparisons(trials, arms, budgets)
+    comparisons, unmatched, notes = _comparisons(trials, arms, budgets, effect)
     scaling = _scaling(arms)
     for c in comparisons:
         base = scaling.get(c["baseline_arm"], {})
@@ -319,6 +461,8 @@ def build_report(data: dict) -> dict:
         "sweep_run_id": sweep["run_id"], "sweep_name": sweep.get("name"), "sweep_status": sweep["status"],
         "spec_hash": sweep["tags"].get("spec_hash"), "sweep_kind": sweep["tags"].get("sweep_kind", "grid"),
         "views": {"lrt": "sequential", "baseline": "full"},
+        "power": {"alpha": ALPHA, "power": POWER, "effect_relative": effect, "max_seeds": MAX_SEEDS,
+                  "method": POWER_METHOD},
         "counts": {"trials": len(trials), "usable": len(usable), "excluded": len(excluded),
                    "comparisons": len(comparisons), "unmatched": len(unmatched),
                    **{f"status_{s}": n for s, n in sorted(_count(t["status"] for t in trials).items())}},
@@ -338,8 +482,10 @@ def _count(items) -> dict:
     return dict(out)
 
 
-def _comparisons(trials: list[dict], arms: list[dict], budgets: list[str]) -> tuple[list, list, list]:
+def _comparisons(trials: list[dict], arms: list[dict], budgets: list[str],
+                 effect: float = DEFAULT_EFFECT) -> tuple[list, list, list]:
     comparisons, unmatched, notes = [], [], []
+    n_search = sum(t["search"] for t in trials)
     summary = {(a["budget_id"], a["arm"]): a for a in arms}
     for t in trials:
         if t["pair_id"] is None and not t["search"]:  # search trials need not be paired
@@ -377,25 +523,72 @@ def _comparisons(trials: list[dict], arms: list[dict], budgets: list[str]) -> tu
                                   "seed": (l or b)["seed"], "baseline_run": b and b["run_id"],
                                   "lrt_run": l and l["run_id"], "reason": "; ".join(reasons)})
             if (budget, arm) in summary:  # an arm with no usable run has only unmatched entries
-                comparisons.append(_comparison(budget, arm, base_arm, pairs, summary.get((budget, base_arm)),
-                                               summary[(budget, arm)]))
+                c = _comparison(budget, arm, base_arm, pairs, summary.get((budget, base_arm)),
+                                summary[(budget, arm)], effect)
+                c["tuning"] = tuning_summary(list(base.values()) if base_arm else None, list(lrt.values()), n_search)
+                comparisons.append(c)
     return comparisons, unmatched, notes
 
 
-def _comparison(budget: str, arm: str, base_arm: str | None, pairs: list[dict], base: dict | None, lrt: dict) -> dict:
+def _comparison(budget: str, arm: str, base_arm: str | None, pairs: list[dict], base: dict | None, lrt: dict,
+                effect: float = DEFAULT_EFFECT) -> dict:
     icl_keys = sorted({k for p in pairs for k in p["icl"]})
+    delta = paired([p["delta"] for p in pairs])
+    base_mean = _mean(p["baseline"] for p in pairs) if pairs else (base or {}).get("val_bpb", {}).get("mean")
+    call, why = verdict(delta)
     return {
         "budget_id": budget, "arm": arm, "strategy": lrt["strategy"], "baseline_arm": base_arm,
         "view_lrt": lrt["view"], "view_baseline": base["view"] if base else None,
         "n_pairs": len(pairs), "n_lrt": lrt["n"], "n_baseline": base["n"] if base else 0,
         "baseline": _side(base), "lrt": _side(lrt),
-        "delta": paired([p["delta"] for p in pairs]), "relative": paired([p["relative"] for p in pairs]),
+        "delta": delta, "relative": paired([p["relative"] for p in pairs]),
+        "verdict": call, "verdict_note": why, **power_fields(delta, base_mean, effect),
         "interleave_gap": lrt["interleave_gap"],
         "icl": {k: {"baseline": (base or {}).get("icl", {}).get(k, {}).get("mean"),
                     "lrt": lrt["icl"].get(k, {}).get("mean"),
                     "delta": paired([p["icl"][k] for p in pairs if k in p["icl"]])} for k in icl_keys},
         "pairs": pairs, "compute_multiplier": None,
     }
+
+
+def tuning_summary(base: list[dict] | None, lrt: list[dict], n_search: int) -> dict:
+    """How each side was tuned, from the runs' `tuning` tags (or the search=true tag of a classic search
+    sweep); `equal` only when both sides carry the same sampler, trial count and space."""
+    b_text, b_sig = _tuning_side(base, n_search) if base is not None else ("no baseline arm", None)
+    l_text, l_sig = _tuning_side(lrt, n_search)
+    return {"baseline": b_text, "lrt": l_text, "equal": b_sig is not None and b_sig == l_sig}
+
+
+def _tuning_side(trials: list[dict], n_search: int) -> tuple[str, str | None]:
+    """(description, signature of an equal-able tuning or None) for one arm's runs at one budget."""
+    tags = [t["tuning"] for t in trials]
+    if all(x is None for x in tags):
+        if any(t["search"] for t in trials):
+            return f"searched by Optuna ({n_search} trials)", None
+        return UNTUNED, None
+    texts = sorted({_tuning_text(x) for x in tags})
+    sigs = {_tuning_signature(x) for x in tags}
+    if len(sigs) > 1 or None in sigs:  # runs of one arm tuned differently (or some not at all)
+        return "mixed: " + " / ".join(texts), None
+    return texts[0], sigs.pop()
+
+
+UNTUNED = "untuned (spec defaults)"
+
+
+def _tuning_signature(tag: dict | None) -> str | None:
+    if tag is None or "unreadable" in tag:
+        return None
+    return json.dumps([tag.get("sampler"), tag.get("trials"), sorted(map(str, tag.get("space") or []))])
+
+
+def _tuning_text(tag: dict | None) -> str:
+    if tag is None:
+        return UNTUNED
+    if "unreadable" in tag:
+        return f"unreadable tuning tag {tag['unreadable'][:40]!r}"
+    space = ", ".join(map(str, tag.get("space") or [])) or "an unnamed space"
+    return f"{tag.get('sampler', '?')} {tag.get('trials', '?')} trials over {space}"
 
 
 def _side(a: dict | None) -> dict | None:
@@ -570,6 +763,27 @@ def _mult(m: dict | None) -> str:
     return f"{m['value']:.3g}x" + ("*" if m.get("extrapolated") else "")
 
 
+def _mde(c: dict) -> str:
+    if c.get("mde") is None:
+        return "n/a"
+    rel = f" ({c['mde_relative'] * 100:.2f}%)" if c.get("mde_relative") is not None else ""
+    return f"{c['mde']:.4f}{rel}"
+
+
+def _seeds(c: dict) -> str:
+    if c.get("seeds_needed") is not None:
+        return str(c["seeds_needed"])
+    return f">{MAX_SEEDS}" if "more than" in (c.get("seeds_note") or "") else "n/a"
+
+
+def _effect_pct(report: dict) -> str:
+    return f"{report.get('power', {}).get('effect_relative', DEFAULT_EFFECT) * 100:g}%"
+
+
+def _seeds_label(report: dict) -> str:
+    return f"seeds for {_effect_pct(report)}"
+
+
 def _icl_keys(report: dict) -> list[str]:
     return sorted({k for a in report["arms"] for k in a["icl"]})
 
@@ -582,7 +796,8 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     ICL: the headline columns only (score, per-task accuracy over k, CORE); json/csv carry every key."""
     icl = [k for k in _icl_keys(report) if HEADLINE_ICL.match(k)]
     header = ["budget", "arm", "view", "n", "val_bpb mean ± std", "Δ vs baseline [95% CI]", "Δ% [95% CI]",
-              "pairs", "FLOPs", "tokens", "params", "tok/param", "interleave gap", "compute x"] + icl
+              "pairs", "verdict", "MDE (80%)", _seeds_label(report), "FLOPs", "tokens", "params", "tok/param",
+              "interleave gap", "compute x"] + icl
     comps = {(c["budget_id"], c["arm"]): c for c in report["comparisons"]}
     rows = []
     for a in report["arms"]:
@@ -590,7 +805,8 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([
             a["budget_id"], a["arm"], a["view"], str(a["n"]), _pm(a["val_bpb"]),
             _with_ci(c["delta"]) if c else "", _with_ci(c["relative"], 100, 2, "%") if c else "",
-            str(c["n_pairs"]) if c else "", f"{a['flops']:.3g}" if a["flops"] else "n/a", _si(a["tokens"]),
+            str(c["n_pairs"]) if c else "", c["verdict"] if c else "", _mde(c) if c else "",
+            _seeds(c) if c else "", f"{a['flops']:.3g}" if a["flops"] else "n/a", _si(a["tokens"]),
             _si(a["params"], 4), _si(a["tokens_per_param"]), _pm(a["interleave_gap"]) if a["lrt"] else "",
             _mult(c["compute_multiplier"]) if c else "",
         ] + [_pm(a["icl"].get(k)) for k in icl])
@@ -602,7 +818,12 @@ def _notes(report: dict) -> list[str]:
              f"the {report['views']['baseline']}-pass bpb. Δ = LRT - baseline paired by pair_id; 95% CI from the "
              "t-distribution over paired differences. interleave gap = merged - sequential bpb.",
              "compute x = baseline FLOPs needed to reach the LRT loss / LRT FLOPs (* = extrapolated beyond the "
-             "baseline's measured FLOPs)."]
+             "baseline's measured FLOPs).",
+             f"verdict: lrt_better if the 95% CI of Δ lies below 0, lrt_worse if above, else no_conclusion. "
+             f"MDE (80%) = the |Δ| detected with 80% power at this n; {_seeds_label(report)} = paired seeds "
+             f"for 80% power at a {_effect_pct(report)} effect (x the baseline mean bpb); both from a "
+             f"two-sided paired t-test at alpha {ALPHA:g} with the observed sd of the paired differences "
+             "(noncentral t, exact)."]
     for arm, s in report["scaling"].items():
         fit = s["fit"]
         if fit is None:
@@ -611,6 +832,8 @@ def _notes(report: dict) -> list[str]:
             lines.append(f"scaling {arm}: L(C) = {fit['E']:.4f} + {fit['A']:.4g} * C^-{fit['alpha']:.4f} "
                          f"(rmse {fit['rmse']:.2g}, {fit['n_points']} budgets)"
                          + (f"; {fit['note']}" if fit.get("note") else ""))
+    for c in report["comparisons"]:
+        lines.append(_tuning_line(c))
     for c in report["comparisons"]:
         m = c["compute_multiplier"] or {}
         if m.get("note") or m.get("method") == "log_linear":
@@ -631,6 +854,17 @@ def _notes(report: dict) -> list[str]:
     if report.get("ui_url"):
         lines.append(f"MLflow runs table: {report['ui_url']}")
     return lines
+
+
+def _tuning_line(c: dict) -> str:
+    t = c.get("tuning") or {"baseline": "?", "lrt": "?", "equal": False}
+    where = f"tuning {c['budget_id']}/{c['arm']}: baseline {t['baseline']}; {c['arm']}"
+    if t["equal"]:
+        return f"{where} the same (equal)"
+    untuned = t["baseline"] == t["lrt"] == UNTUNED
+    why = ("neither arm was tuned, so the delta holds at the spec's defaults only" if untuned
+           else "unequal tuning, so the delta mixes architecture and tuning effort")
+    return f"WARNING {where} {t['lrt']}; {why}"
 
 
 def _title(report: dict) -> str:
@@ -664,7 +898,8 @@ def format_report(report: dict, fmt: str = "table") -> str:
 def _csv(report: dict) -> str:
     icl = _icl_keys(report)
     cols = ["budget_id", "arm", "strategy", "view", "n", "val_bpb_mean", "val_bpb_std", "n_pairs", "delta_mean",
-            "delta_ci_low", "delta_ci_high", "relative_mean", "relative_ci_low", "relative_ci_high", "flops",
+            "delta_ci_low", "delta_ci_high", "relative_mean", "relative_ci_low", "relative_ci_high", "verdict", "mde",
+            "mde_relative", "seeds_needed", "flops",
             "tokens", "params", "tokens_per_param", "interleave_gap_mean", "compute_multiplier",
             "compute_multiplier_method", "compute_multiplier_extrapolated"] + [f"{k}_mean" for k in icl] + ["unmatched"]
     comps = {(c["budget_id"], c["arm"]): c for c in report["comparisons"]}
@@ -679,10 +914,16 @@ def _csv(report: dict) -> str:
         w.writerow([a["budget_id"], a["arm"], a["strategy"], a["view"], a["n"],
                     a["val_bpb"]["mean"], a["val_bpb"]["std"],
                     c["n_pairs"] if c else "", d["mean"], *(d["ci95"] or ["", ""]), r["mean"], *(r["ci95"] or ["", ""]),
+                    *[(c or {}).get(k) for k in ("verdict", "mde", "mde_relative", "seeds_needed")],
                     a["flops"], a["tokens"], a["params"], a["tokens_per_param"],
                     (a["interleave_gap"] or {}).get("mean"), m.get("value"), m.get("method"), m.get("extrapolated"),
                     *[(a["icl"].get(k) or {}).get("mean") for k in icl], " | ".join(un)])
     return buf.getvalue()
+
+
+def to_json(report: dict) -> dict:
+    """The report as `--format json` writes it (NaN/inf -> null), e.g. for `Tracker.log_sweep_summary`."""
+    return _json_safe(report)
 
 
 def _json_safe(x):
@@ -709,16 +950,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     p.add_argument("--plots", default=None, help="directory for PNG plots (also logged to the sweep run)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--effect", type=float, default=DEFAULT_EFFECT,
+                   help="relative bpb effect the 'seeds for' column is sized for (default 0.02 = 2%%)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not 0 < args.effect < 1:
+        print(f"error: --effect={args.effect:g}: give a relative effect in (0, 1), e.g. 0.02 for 2%", file=sys.stderr)
+        return 2
     for name in ("mlflow", "alembic"):  # keep stdout/stderr to the report or one error line
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         tracker = Tracker(args.tracking_uri, args.experiment)
-        report = build_report(tracker.load_sweep(args.sweep))
+        report = build_report(tracker.load_sweep(args.sweep), args.effect)
         if args.plots:
             from .plots import make_plots
 

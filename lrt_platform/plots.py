@@ -7,12 +7,20 @@ Design choices:
   figure state, no GUI backend, safe in Ray workers and threads.
 - Every plot is always written, with a "no data" note when there is nothing to
   draw, so users and tests find the same files after every sweep:
-  scaling.png (bpb vs training FLOPs per arm, log x, fitted power laws, each
-  LRT mean labelled with its effective compute multiplier),
+  scaling.png (bpb vs training FLOPs per arm, log x, each LRT mean labelled
+  with its effective compute multiplier when there is one; a fitted power law
+  is drawn only where the report has a fit, i.e. >= 3 budgets: with 1-2
+  budgets the means stand alone, never joined by a line that looks like a law),
   delta_vs_tokens_per_param.png (paired delta with its 95% CI per LRT arm);
   search sweeps add search_history.png (val bpb in trial order with the
   best-so-far line) and search_importance.png (parameter importances; the
   title names the method: Optuna fANOVA or the correlation fallback).
+- Log x axes label decades only (minor ticks unlabelled) and span at least
+  1.2 decades, so one budget, or budgets close together, get one or two
+  readable labels instead of crowded minor ones. Axis labels promise only what
+  is drawn (the multiplier legend only when a multiplier is drawn).
+- `scaling_figure` / `delta_figure` return the Figure, so tests can inspect
+  artists and tick labels; the plot_* functions save them.
 
 Example:
     from lrt_platform.compare import compare
@@ -22,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -29,6 +38,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless machines and Ray workers have no display
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .compare import power_law  # noqa: E402
@@ -47,6 +57,23 @@ def _save(fig, out_dir: str, name: str) -> str:
     return path
 
 
+MIN_DECADES = 1.2  # any interval this wide holds a power of 10: at least one labelled tick
+
+
+def _log_x(ax, xs) -> None:
+    """Log x axis with decade labels only and at least MIN_DECADES of range (see the module docstring)."""
+    ax.set_xscale("log")
+    xs = [x for x in xs if x and x > 0]
+    if xs:
+        lo, hi = min(xs), max(xs)
+        span = math.log10(hi / lo)
+        if span < MIN_DECADES:
+            pad = 10 ** ((MIN_DECADES - span) / 2)
+            ax.set_xlim(lo / pad, hi * pad)
+    ax.xaxis.set_major_locator(LogLocator(base=10, numticks=6))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
@@ -63,9 +90,13 @@ def make_plots(report: dict, out_dir: str) -> list[str]:
 
 
 def plot_scaling(report: dict, out_dir: str) -> str:
+    return _save(scaling_figure(report), out_dir, "scaling.png")
+
+
+def scaling_figure(report: dict) -> Figure:
     fig, ax = _figure()
     colors = matplotlib.colormaps["tab10"]
-    drawn = False
+    drawn, xs = False, []
     for i, (arm, s) in enumerate(sorted(report["scaling"].items())):
         color = colors(i % 10)
         seeds = [t for t in report["trials"] if t["arm"] == arm and t["problem"] is None and t["flops"]]
@@ -74,53 +105,59 @@ def plot_scaling(report: dict, out_dir: str) -> str:
         if not pts:
             continue
         drawn = True
+        xs += [p["flops"] for p in pts] + [t["flops"] for t in seeds]
         view = next((t["view"] for t in seeds), "")
         ax.plot([p["flops"] for p in pts], [p["val_bpb"] for p in pts], "o", color=color, label=f"{arm} ({view})")
         fit = s["fit"]
-        if fit is not None and fit["ok"]:
+        if fit is not None and fit["ok"]:  # a fit exists only with >= 3 budgets
             c = np.geomspace(min(p["flops"] for p in pts), max(p["flops"] for p in pts), 100)
             ax.plot(c, power_law(fit, c), "--", color=color,
                     label=f"{arm} fit: {fit['E']:.3f} + A·C^-{fit['alpha']:.3f}")
-        else:
-            ax.plot([p["flops"] for p in pts], [p["val_bpb"] for p in pts], "-", color=color, alpha=0.5)
-    for c in report["comparisons"]:  # the effective compute multiplier next to each LRT mean
-        m = c.get("compute_multiplier") or {}
-        if m.get("value") is not None:
-            ax.annotate(f"{m['value']:.2g}x" + ("*" if m.get("extrapolated") else ""),
-                        (c["lrt"]["flops"], c["lrt"]["val_bpb"]["mean"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7)
+    mults = [(c, c["compute_multiplier"]) for c in report["comparisons"]
+             if (c.get("compute_multiplier") or {}).get("value") is not None]
+    for c, m in mults:  # the effective compute multiplier next to each LRT mean
+        ax.annotate(f"{m['value']:.2g}x" + ("*" if m.get("extrapolated") else ""),
+                    (c["lrt"]["flops"], c["lrt"]["val_bpb"]["mean"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7)
     if drawn:
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs (LRT labels: baseline compute multiplier, * extrapolated)")
+        _log_x(ax, xs)
+        star = ", * extrapolated" if any(m.get("extrapolated") for _, m in mults) else ""
+        ax.set_xlabel("training FLOPs" + (f" (LRT labels: baseline compute multiplier{star})" if mults else ""))
         ax.set_ylabel("validation bpb")
         ax.legend(fontsize=7)
     else:
         _no_data(ax, "no finished trials with FLOPs")
     ax.set_title(f"{report['experiment']}: bpb vs compute (dots: seeds, markers: means)", fontsize=9)
-    return _save(fig, out_dir, "scaling.png")
+    return fig
 
 
 def plot_delta(report: dict, out_dir: str) -> str:
+    return _save(delta_figure(report), out_dir, "delta_vs_tokens_per_param.png")
+
+
+def delta_figure(report: dict) -> Figure:
     fig, ax = _figure()
     colors = matplotlib.colormaps["tab10"]
     arms = sorted({c["arm"] for c in report["comparisons"] if c["n_pairs"]})
+    xs = []
     for i, arm in enumerate(arms):
         cs = [c for c in report["comparisons"] if c["arm"] == arm and c["n_pairs"] and c["lrt"]["tokens_per_param"]]
         x = np.array([c["lrt"]["tokens_per_param"] for c in cs])
+        xs += list(x)
         y = np.array([c["delta"]["mean"] for c in cs])
         err = np.array([[y[j] - c["delta"]["ci95"][0], c["delta"]["ci95"][1] - y[j]] if c["delta"]["ci95"] else [0, 0]
                         for j, c in enumerate(cs)]).T.reshape(2, -1)
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=colors(i % 10), label=arm)
     if arms:
         ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xscale("log")
+        _log_x(ax, xs)
         ax.set_xlabel("LRT tokens per parameter")
         ax.set_ylabel("Δ bpb (LRT sequential - baseline full)")
         ax.legend(fontsize=7)
     else:
         _no_data(ax, "no matched baseline/LRT pairs")
     ax.set_title("paired delta vs tokens per parameter (bars: 95% CI; none for n=1)", fontsize=9)
-    return _save(fig, out_dir, "delta_vs_tokens_per_param.png")
+    return fig
 
 
 def plot_search_history(report: dict, out_dir: str) -> str:

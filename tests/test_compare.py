@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import statistics
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -293,3 +295,222 @@ def test_empty_sweep_renders_and_plots(tmp_path):
         assert cmp.format_report(report, fmt)
     for p in make_plots(report, str(tmp_path)):
         _png_size(p)
+
+
+# ---------------------------------------------------------------------------
+# Verdict, power, tuning
+
+
+def _mc_power(effect: float, sd: float, n: int, sims: int = 20_000, seed: int = 0) -> float:
+    """Reference: the share of simulated paired experiments whose two-sided t-test rejects at 0.05."""
+    from scipy import stats
+
+    d = np.random.default_rng(seed).normal(effect, sd, size=(sims, n))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+    return float(np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1)))
+
+
+@pytest.mark.parametrize("effect,sd,n", [(0.0, 1.0, 6), (0.5, 1.0, 5), (1.0, 1.0, 10), (0.02, 0.03, 8),
+                                         (3.0, 1.0, 3), (-0.8, 0.5, 4)])
+def test_paired_power_matches_monte_carlo(effect, sd, n):
+    assert cmp.paired_power(effect, sd, n) == pytest.approx(_mc_power(effect, sd, n), abs=0.015)
+
+
+def test_mde_and_seeds_needed_against_monte_carlo():
+    for sd, n in ((0.01, 2), (0.01, 3), (0.02, 7), (1.0, 30)):
+        mde = cmp.min_detectable_effect(sd, n)
+        assert cmp.paired_power(mde, sd, n) == pytest.approx(0.8, abs=1e-9)
+        assert _mc_power(mde, sd, n, seed=n) == pytest.approx(0.8, abs=0.015)
+    effect, sd = 0.046, 0.05  # 2% of a 2.3 bpb baseline, a noisy pair difference
+    n = cmp.seeds_needed(effect, sd)
+    assert n > 2 and cmp.paired_power(effect, sd, n - 1) < 0.8 <= cmp.paired_power(effect, sd, n)
+    assert _mc_power(effect, sd, n, seed=1) >= 0.8 - 0.015 and _mc_power(effect, sd, n - 1, seed=2) < 0.8 + 0.015
+
+
+def test_power_monotone_limits_and_degenerate_cases():
+    from scipy import stats
+
+    powers = [cmp.paired_power(e, 1.0, 6) for e in (0.0, 0.2, 0.5, 1.0, 2.0, 4.0)]
+    assert powers[0] == pytest.approx(0.05, abs=1e-9) and powers == sorted(powers) and powers[-1] > 0.99
+    assert [cmp.paired_power(0.5, 1.0, n) for n in (2, 4, 8, 16, 64)] == sorted(
+        cmp.paired_power(0.5, 1.0, n) for n in (2, 4, 8, 16, 64))
+    mdes = [cmp.min_detectable_effect(1.0, n) for n in (2, 3, 5, 10, 100)]
+    assert mdes == sorted(mdes, reverse=True)
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)  # large n: the t-test becomes the z-test
+    assert cmp.min_detectable_effect(1.0, 10_000) == pytest.approx(z / 100, rel=1e-3)
+    assert cmp.min_detectable_effect(0.3, 10) == pytest.approx(0.3 * cmp.min_detectable_effect(1.0, 10), rel=1e-9)
+    assert cmp.seeds_needed(0.1, 1.0) == pytest.approx((z / 0.1) ** 2, abs=3)
+    assert cmp.seeds_needed(0.001, 1.0) is None and cmp.seeds_needed(0.0, 1.0) is None  # beyond the cap
+    assert cmp.min_detectable_effect(0.0, 3) == 0.0 and cmp.seeds_needed(0.01, 0.0) == 2
+    with pytest.raises(ValueError, match="n=1"):
+        cmp.min_detectable_effect(1.0, 1)
+
+
+def _run(arm: str, budget: str, seed: int, value: float, flops: float, **tags) -> dict:
+    """A run as `Tracker.load_sweep` returns it, without MLflow."""
+    lrt = arm != "baseline"
+    metrics = {"flops": flops, "tokens": flops / 6e6, "params": 1e6,
+               ("val_bpb_sequential" if lrt else "val_bpb_full"): value}
+    return {"run_id": f"{budget}-{arm}-{seed}", "name": f"{arm}-{budget}-s{seed}", "status": "FINISHED",
+            "start_time": seed, "params": {}, "metrics": metrics,
+            "tags": {"arm": arm, "budget_id": budget, "pair_id": f"{budget}-s{seed}", "seed": str(seed),
+                     "strategy": "interleaved" if lrt else "baseline", "finished": "true", **tags}}
+
+
+def _report(runs: list[dict], **kw) -> dict:
+    sweep = {"run_id": "r0", "name": "s", "status": "FINISHED", "tags": {}}
+    return cmp.build_report({"experiment": "e", "sweep": sweep, "trials": runs}, **kw)
+
+
+TUNED = json.dumps({"sampler": "tpe", "trials": 8, "space": ["optim.lr_scale", "optim.warmup_frac"], "seed": 1000,
+                    "best": {"optim.lr_scale": 0.5}, "best_value": 2.31})
+
+
+def test_verdict_power_and_tuning_per_comparison():
+    base = [2.30, 2.32, 2.31]
+    runs = [_run("baseline", "b0", s, v, 1e15, tuning=TUNED) for s, v in enumerate(base)]
+    runs += [_run("better", "b0", s, v - 0.04 + 0.005 * s, 1e15, tuning=TUNED) for s, v in enumerate(base)]
+    runs += [_run("worse", "b0", s, v + 0.04 + 0.005 * s, 1e15) for s, v in enumerate(base)]
+    runs += [_run("unclear", "b0", s, v + (0.03, -0.03, 0.0)[s], 1e15) for s, v in enumerate(base)]
+    runs += [_run("single", "b0", 0, 2.2, 1e15)]
+    report = _report(runs, effect=0.01)
+    c = {x["arm"]: x for x in report["comparisons"]}
+    assert {a: c[a]["verdict"] for a in c} == {"better": "lrt_better", "worse": "lrt_worse",
+                                               "unclear": "no_conclusion", "single": "no_conclusion"}
+    assert "1 pair" in c["single"]["verdict_note"] and c["single"]["mde"] is None and c["single"]["mde_note"]
+    for arm in ("better", "worse", "unclear"):
+        d = c[arm]["delta"]
+        assert c[arm]["mde"] == pytest.approx(cmp.min_detectable_effect(d["std"], 3), rel=1e-12)
+        assert c[arm]["mde_relative"] == pytest.approx(c[arm]["mde"] / statistics.mean(base), rel=1e-12)
+        assert c[arm]["effect"] == pytest.approx(0.01 * statistics.mean(base), rel=1e-12)
+        assert c[arm]["effect_relative"] == 0.01
+        assert c[arm]["seeds_needed"] == cmp.seeds_needed(0.01 * statistics.mean(base), d["std"])
+    tuning = "tpe 8 trials over optim.lr_scale, optim.warmup_frac"
+    assert c["better"]["tuning"] == {"baseline": tuning, "lrt": tuning, "equal": True}
+    assert c["worse"]["tuning"] == {"baseline": tuning, "lrt": "untuned (spec defaults)", "equal": False}
+
+    table = cmp.format_report(report)
+    header = table.splitlines()[1]
+    assert "verdict" in header and "MDE (80%)" in header and "seeds for 1%" in header
+    assert f"tuning b0/better: baseline {tuning}; better the same (equal)" in table
+    assert f"WARNING tuning b0/worse: baseline {tuning}; worse untuned (spec defaults)" in table
+    assert sum(line.startswith("verdict: lrt_better if") for line in table.splitlines()) == 1
+    assert "seeds for 1%" in cmp.format_report(report, "markdown")
+    rows = {r["arm"]: r for r in csv.DictReader(io.StringIO(cmp.format_report(report, "csv")))}
+    assert rows["better"]["verdict"] == "lrt_better" and float(rows["worse"]["mde"]) == pytest.approx(c["worse"]["mde"])
+    assert rows["better"]["seeds_needed"] == str(c["better"]["seeds_needed"]) and rows["single"]["mde"] == ""
+    keys = {"verdict", "mde", "mde_relative", "seeds_needed", "effect", "effect_relative", "tuning"}
+    assert all(keys <= set(x) for x in json.loads(cmp.format_report(report, "json"))["comparisons"])
+    assert "seeds for 2%" in cmp.format_report(_report(runs))  # the default effect
+
+
+def test_search_sweep_tuning_is_unequal():
+    runs = [_run("baseline", "b0", 0, 2.3, 1e15)]
+    runs += [_run(f"lrt-t{i:03d}", "b0", 0, 2.3 - 0.01 * i, 1e15, search="true", trial_number=str(i)) for i in range(4)]
+    report = _report(runs)
+    assert [c["tuning"] for c in report["comparisons"]] == [
+        {"baseline": "untuned (spec defaults)", "lrt": "searched by Optuna (4 trials)", "equal": False}] * 4
+    assert "WARNING tuning b0/lrt-t000: baseline untuned (spec defaults); lrt-t000 searched by Optuna (4 trials)" \
+        in cmp.format_report(report)
+
+
+def test_effect_flag_is_checked(capsys):
+    assert cmp.main(["--experiment", "x", "--effect", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--effect=0" in err[0]
+
+
+# ---------------------------------------------------------------------------
+# Plots with one budget or close budgets
+
+
+def _tick_texts(fig) -> list:
+    """The drawn tick labels (inside the view) and axis labels of every axes, after layout."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    out = []
+    for ax in fig.axes:
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            for loc, label in zip(axis.get_majorticklocs(), axis.get_majorticklabels()):
+                if label.get_visible() and label.get_text() and min(lo, hi) <= loc <= max(lo, hi):
+                    out.append((axis.axis_name, label))
+            if axis.label.get_text():
+                out.append(("label", axis.label))
+    return out
+
+
+def _overlaps(texts) -> list[tuple[str, str]]:
+    r = texts[0][1].figure.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(r)) for _, t in texts]
+    return [(a, b) for (a, ba), (b, bb) in itertools.combinations(boxes, 2) if ba.overlaps(bb)]
+
+
+@pytest.mark.parametrize("flops", [{"b0": 1e15}, {"b0": 1e15, "b1": 1.3e15}, FLOPS])
+def test_plots_draw_fits_only_with_three_budgets_and_ticks_do_not_collide(flops, tmp_path):
+    from lrt_platform.plots import delta_figure, scaling_figure
+
+    runs = [_run(arm, b, s, law(BASE if arm == "baseline" else LRT, c) + OFFSETS[arm][s], c)
+            for b, c in flops.items() for s in (0, 1) for arm in ("baseline", "lrt")]
+    report = _report(runs)
+    fig = scaling_figure(report)
+    ax = fig.axes[0]
+    fit_lines = [l for l in ax.get_lines() if l.get_linestyle() not in ("None", "")]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    if len(flops) < 3:  # no fit: points only, no line joining the means, no fit in the legend
+        assert fit_lines == [] and not any("fit" in t for t in legend)
+    else:
+        assert len(fit_lines) == 2 and sum("fit" in t for t in legend) == 2
+    multiplier = any((c["compute_multiplier"] or {}).get("value") is not None for c in report["comparisons"])
+    assert ("compute multiplier" in ax.get_xlabel()) == multiplier  # the label promises only what is drawn
+    for f in (fig, delta_figure(report)):
+        texts = _tick_texts(f)
+        x_ticks = [t for kind, t in texts if kind == "x"]
+        assert 1 <= len(x_ticks) <= 4, [t.get_text() for t in x_ticks]
+        assert _overlaps(texts) == []
+    assert len(make_plots(report, str(tmp_path))) == 2
+
+
+# ---------------------------------------------------------------------------
+# The sweep's final printout and the parent run's summary
+
+
+def test_sweep_report_prints_verdicts_and_logs_them_to_the_parent_run(mlflow_server, capsys, tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from lrt_platform import sweep
+    from lrt_platform.tracking import TrackingError
+
+    tr = Tracker(mlflow_server, _exp("summary"))
+    parent = tr.start_sweep("summary.yaml", "experiment: summary\n", "hash-summary", [])
+    for seed in (0, 1):
+        for arm in ("baseline", "lrt"):
+            log_trial(tr, parent, arm, "b0", seed)
+    tr.end_sweep(parent)
+    spec = SimpleNamespace(experiment_name=tr.experiment)
+    sweep._report(spec, mlflow_server, tr, parent, [], {"start": time.time()}, 0)
+    out = capsys.readouterr()
+    assert "seeds for 2%" in out.out and "lrt_better" in out.out and "warning" not in out.err
+    run = MlflowClient(mlflow_server).get_run(parent)
+    assert run.data.tags["verdict.b0.lrt"] == "lrt_better"
+    delta = statistics.mean(bpb("lrt", "b0", s) - bpb("baseline", "b0", s) for s in (0, 1))
+    assert run.data.metrics["delta.b0.lrt"] == pytest.approx(delta, abs=1e-9)
+    logged = json.loads(_artifact_text(mlflow_server, parent, "comparison.json", tmp_path))
+    assert logged["comparisons"][0]["verdict"] == "lrt_better" and logged["comparisons"][0]["mde"] > 0
+    assert "MDE (80%)" in _artifact_text(mlflow_server, parent, "comparison.txt", tmp_path)
+
+    capsys.readouterr()  # drop MLflow's download progress bars
+
+    class Broken(Tracker):
+        def log_sweep_summary(self, *a, **k):
+            raise TrackingError("MLflow log sweep summary failed (here): boom\nsecond line")
+
+    sweep._report(spec, mlflow_server, Broken(mlflow_server, tr.experiment), parent, [], {"start": time.time()}, 0)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert err == ["[sweep] warning: comparison not logged to the sweep run: MLflow log sweep summary failed "
+                   "(here): boom"]
+
+
+def _artifact_text(uri: str, run_id: str, path: str, tmp_path) -> str:
+    with open(MlflowClient(uri).download_artifacts(run_id, path, str(tmp_path))) as f:
+        return f.read()
