@@ -34,6 +34,9 @@ Design choices:
 - Trial dicts may carry `search` ({name: sampled value}: logged as params
   `search.<name>`, tag search=true) and `trial_number` (tag; the order of a
   search's history). Other scalar trial keys become `trial.<key>` params.
+  Tuning trials (`tuning_trial`) are tagged tuning_trial=true and carry no
+  pair_id; a tuned arm's grid trials carry tag `tuning` (JSON: sampler,
+  trials, space, seed, train_seed, best, best_value).
 - Creating a new sqlite database runs MLflow's schema migrations; processes
   doing that at once corrupt it, so opening a sqlite store holds a file lock
   (`<db>.init-lock`) until the schema is in place.
@@ -176,6 +179,12 @@ def _text(v: Any, limit: int) -> str:
 def _key(name: str) -> str:
     """MLflow keys allow letters, digits, _ - . / space and colon."""
     return re.sub(r"[^\w\-./ :]", "_", str(name))[:250]
+
+
+def _summary_part(name: Any) -> str:
+    """A budget id or arm inside a summary key: anything but letters, digits, _ and - becomes _, so the
+    key's dots stay separators and MLflow never sees `..` or `/` path segments."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", str(name))[:100]
 
 
 def _number(v: Any) -> float | None:
@@ -513,6 +522,24 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._retry("log_text", lambda: self.client.log_text(run_id, text, artifact_file))
 
+    def log_sweep_summary(self, parent_run_id: str, report: dict, text: str | None = None) -> None:
+        """The comparison on the sweep's parent run: per (budget, LRT arm) tag `verdict.<budget>.<arm>`,
+        metrics `delta.`, `mde.` and `seeds_needed.<budget>.<arm>`; artifacts comparison.json (the report,
+        JSON-safe as `compare --format json` writes it) and comparison.txt (`text`, the rendered table)."""
+        tags, metrics = {}, []
+        for c in report.get("comparisons", []):
+            where = f"{_summary_part(c['budget_id'])}.{_summary_part(c['arm'])}"
+            if c.get("verdict"):
+                tags[f"verdict.{where}"] = c["verdict"]
+            for name, value in (("delta", (c.get("delta") or {}).get("mean")), ("mde", c.get("mde")),
+                                ("seeds_needed", c.get("seeds_needed"))):
+                if _number(value) is not None:
+                    metrics.append((f"{name}.{where}", _number(value), 0))
+        self._log("log sweep summary", parent_run_id, metrics=metrics, tags=tags.items())
+        self.log_text(parent_run_id, json.dumps(report, indent=2, default=str), "comparison.json")
+        if text is not None:
+            self.log_text(parent_run_id, text, "comparison.txt")
+
     # -- reading (for compare) ------------------------------------------------
 
     def _search_all(self, exp_id: str, filter_string: str) -> list:
@@ -580,6 +607,10 @@ def trial_tags(trial: dict) -> dict[str, str]:
         tags["depth"] = str(depth)
     if trial.get("search"):
         tags["search"] = "true"
+    if trial.get("tuning_trial"):  # equal-effort tuning: never paired (no pair_id), compare leaves it out
+        tags["tuning_trial"] = "true"
+    if trial.get("tuning"):  # a tuned arm's grid trial: how the arm was tuned and its best values
+        tags["tuning"] = json.dumps(trial["tuning"], sort_keys=True)
     return tags
 
 

@@ -7,6 +7,7 @@ processes (the case that produces "database is locked").
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import pickle
 import sqlite3
@@ -320,3 +321,26 @@ def test_batch_limits_match_mlflow():
     assert tracking.MAX_PARAMS_TAGS_PER_BATCH == validation.MAX_PARAMS_TAGS_PER_BATCH
     assert tracking.MAX_PARAM_VALUE == validation.MAX_PARAM_VAL_LENGTH
     assert tracking.MAX_TAG_VALUE == validation.MAX_TAG_VAL_LENGTH
+
+
+def test_log_sweep_summary_tags_metrics_and_artifacts(mlflow_server, tmp_path):
+    tr = Tracker(mlflow_server, _experiment("summary"))
+    parent = tr.start_sweep("s.yaml", "experiment: x\n", "hash-summary", [])
+    report = {"comparisons": [  # budget ids and arms with characters MLflow keys reject or read as paths
+        {"budget_id": "d2-flops1.5e12", "arm": "lrt/s2", "verdict": "lrt_better", "delta": {"mean": -0.02},
+         "mde": 0.01, "seeds_needed": 5},
+        {"budget_id": "d2-flops1.5e12", "arm": "lrt k", "verdict": "no_conclusion", "delta": {"mean": None},
+         "mde": None, "seeds_needed": None}]}
+    tr.log_sweep_summary(parent, report, "the table")
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(parent)
+    assert run.data.tags["verdict.d2-flops1_5e12.lrt_s2"] == "lrt_better"
+    assert run.data.tags["verdict.d2-flops1_5e12.lrt_k"] == "no_conclusion"
+    assert {k: v for k, v in run.data.metrics.items() if k.endswith("lrt_s2")} == {
+        "delta.d2-flops1_5e12.lrt_s2": -0.02, "mde.d2-flops1_5e12.lrt_s2": 0.01,
+        "seeds_needed.d2-flops1_5e12.lrt_s2": 5}
+    assert not any(k.endswith("lrt_k") for k in run.data.metrics)  # None is not a metric
+    with open(client.download_artifacts(parent, "comparison.json", str(tmp_path))) as f:
+        assert json.load(f) == report
+    with open(client.download_artifacts(parent, "comparison.txt", str(tmp_path))) as f:
+        assert f.read() == "the table"
