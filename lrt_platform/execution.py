@@ -45,6 +45,13 @@ Design choices:
   Each trial is planned by the planner when Optuna has chosen its values.
   OptunaSearch tells Optuna "FAIL" when a trial errors and ignores it after a
   resume; `reconcile_study` records such trials once they finish.
+- Tuning (`tuning:`): one Tune experiment and one Optuna study per (budget,
+  arm), `tune-<budget_id>-<arm>`, all alike: the same space (`TuningSpace`),
+  trial count, sampler and seed, the spec's own optim settings enqueued as
+  trial 0, each trial planned from its arm's grid template (`TUNE_BASE` in
+  its config) at that arm's grid steps. `best_tuning` reads an arm's best
+  values back from the phase's results (so a finished phase, restored on
+  --resume, gives the same best without training again).
 - Tracking is best effort inside trials: a tracking error is printed, never
   allowed to kill hours of training. `LRT_FAULT_INJECT="<trial_id part>:<marker
   file>"` (read by the driver) makes a matching trial crash once right after
@@ -69,12 +76,13 @@ from dataclasses import dataclass, field
 from ray import tune
 
 from . import storage
-from .planner import Trial, plan_search_trial
-from .spec import Spec, SpecError, default_point, when_holds
+from .planner import Trial, plan_search_trial, plan_tuning_trial
+from .spec import Spec, SpecError, default_point, tuning_default_point, when_holds
 
 DRIVER_CPU = 0.01  # the Tune function of a TorchTrainer trial only waits; Ray refuses 0
 FAULT_ENV = "LRT_FAULT_INJECT"
 OPTUNA_NUMBER = "optuna_trial"  # the Optuna trial number, passed to search trials (0 = the enqueued defaults)
+TUNE_BASE = "tune_base"  # a tuning trial's template: its arm's grid trial id at the first seed
 # Ray Train V2 control-loop knobs: poll workers often and skip the preemption watcher, which cuts the
 # controller's idle waits on small runs (FACTS.md: 28.6 s -> 23.1 s per one-worker trial).
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -242,7 +250,10 @@ class Reporter:
 def _resolve_trial(config: dict, ctx: SweepContext) -> Trial:
     if "trial_id" in config:
         return Trial(**ctx.trials[config["trial_id"]])
-    params = {k: decode_choice(v) for k, v in config.items() if k != OPTUNA_NUMBER}
+    params = {k: decode_choice(v) for k, v in config.items() if k not in (OPTUNA_NUMBER, TUNE_BASE)}
+    if TUNE_BASE in config:
+        template = Trial(**ctx.trials[config[TUNE_BASE]])
+        return plan_tuning_trial(ctx.spec, template, params, int(config[OPTUNA_NUMBER]), ctx.root)
     return plan_search_trial(ctx.spec, params, int(config[OPTUNA_NUMBER]), ctx.root)
 
 
@@ -356,6 +367,17 @@ def decode_choice(value):
     return json.loads(value[5:]) if isinstance(value, str) and value.startswith("json:") else value
 
 
+def suggest(trial, key: str, d):
+    """One dimension of a define-by-run space: Optuna's value for `key` drawn from the Dist `d`."""
+    if d.type == "int":
+        return trial.suggest_int(key, int(d.low), int(d.high), step=int(d.step or 1))
+    if d.type == "float":
+        return trial.suggest_float(key, d.low, d.high, step=d.step)
+    if d.type == "loguniform":
+        return trial.suggest_float(key, d.low, d.high, log=True)
+    return trial.suggest_categorical(key, [encode_choice(c) for c in d.choices])
+
+
 class SearchSpace:
     """Define-by-run space for OptunaSearch: fields in spec order, `when` conditions on earlier values.
     A class (not a closure) so Tune can pickle it into the experiment state for --resume."""
@@ -366,17 +388,22 @@ class SearchSpace:
     def __call__(self, trial) -> dict:
         sampled: dict = {}
         for key, d in self.spec.search.space.items():
-            if not when_holds(d.when, {k: decode_choice(v) for k, v in sampled.items()}, self.spec):
-                continue
-            if d.type == "int":
-                sampled[key] = trial.suggest_int(key, int(d.low), int(d.high), step=int(d.step or 1))
-            elif d.type == "float":
-                sampled[key] = trial.suggest_float(key, d.low, d.high, step=d.step)
-            elif d.type == "loguniform":
-                sampled[key] = trial.suggest_float(key, d.low, d.high, log=True)
-            else:
-                sampled[key] = trial.suggest_categorical(key, [encode_choice(c) for c in d.choices])
+            if when_holds(d.when, {k: decode_choice(v) for k, v in sampled.items()}, self.spec):
+                sampled[key] = suggest(trial, key, d)
         return {OPTUNA_NUMBER: trial.number}  # constants returned here join the trial's config
+
+
+class TuningSpace:
+    """Define-by-run space of one arm's tuning search: the spec's `tuning.space`, the same for every arm;
+    the template's id joins each trial's config so the trial knows its arm and budget."""
+
+    def __init__(self, spec: Spec, template_id: str):
+        self.spec, self.template_id = spec, template_id
+
+    def __call__(self, trial) -> dict:
+        for key, d in self.spec.tuning.space.items():
+            suggest(trial, key, d)
+        return {OPTUNA_NUMBER: trial.number, TUNE_BASE: self.template_id}
 
 
 def make_searcher(ctx: SweepContext, max_concurrent: int):
@@ -393,6 +420,34 @@ def make_searcher(ctx: SweepContext, max_concurrent: int):
     searcher = OptunaSearch(space=SearchSpace(ctx.spec), metric=metric, mode=mode, points_to_evaluate=points,
                             sampler=sampler, study_name=study_name(ctx), storage=optuna.storages.RDBStorage(url))
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def make_tuning_searcher(ctx: SweepContext, phase: str, template_id: str, max_concurrent: int):
+    """The same seeded search for every arm: its own study (`<experiment>-<hash>-<phase>`) in the sweep's
+    Optuna database, the spec's own optim settings enqueued first."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    t = ctx.spec.tuning
+    sampler = optuna.samplers.TPESampler(seed=t.seed) if t.sampler == "tpe" else \
+        optuna.samplers.RandomSampler(seed=t.seed)
+    url = storage.optuna_url(ctx.root, ctx.spec.experiment, ctx.spec_hash)
+    first = {k: encode_choice(v) for k, v in tuning_default_point(ctx.spec).items()}
+    searcher = OptunaSearch(space=TuningSpace(ctx.spec, template_id), metric=t.metric, mode="min",
+                            points_to_evaluate=[first], sampler=sampler, study_name=f"{study_name(ctx)}-{phase}",
+                            storage=optuna.storages.RDBStorage(url))
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def best_tuning(spec: Spec, results) -> tuple[dict, float] | None:
+    """(best values, best metric) over a tuning phase's finished trials; None when none finished."""
+    done = [r for r in results if r.error is None and (r.metrics or {}).get("complete")
+            and isinstance(r.metrics.get(spec.tuning.metric), (int, float))]
+    if not done:
+        return None
+    best = min(done, key=lambda r: (r.metrics[spec.tuning.metric], r.config[OPTUNA_NUMBER]))  # ties: earliest
+    return {k: decode_choice(best.config[k]) for k in spec.tuning.space}, float(best.metrics[spec.tuning.metric])
 
 
 def study_name(ctx: SweepContext) -> str:
@@ -503,6 +558,17 @@ def make_search_tuner(ctx: SweepContext, max_concurrent: int, callback: Progress
                                     num_samples=ctx.spec.search.num_trials, max_concurrent_trials=max_concurrent,
                                     trial_dirname_creator=_dirname, reuse_actors=True),
         run_config=_run_config(ctx, "search", callback, verbose),
+    )
+
+
+def make_tuning_tuner(ctx: SweepContext, phase: str, template_id: str, max_concurrent: int, callback: ProgressLog,
+                      verbose: int = 0) -> tune.Tuner:
+    return tune.Tuner(
+        trainable(ctx),
+        tune_config=tune.TuneConfig(search_alg=make_tuning_searcher(ctx, phase, template_id, max_concurrent),
+                                    num_samples=ctx.spec.tuning.trials, max_concurrent_trials=max_concurrent,
+                                    trial_dirname_creator=_dirname, reuse_actors=True),
+        run_config=_run_config(ctx, phase, callback, verbose),
     )
 
 

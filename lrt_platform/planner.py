@@ -16,10 +16,19 @@ Design choices:
   smallest worst-case FLOPs mismatch wins. A compute-matched pair that cannot
   get under 1% is an error that says to raise the budget or lower the batch.
 - FLOPs per token come from `lrt_model.flops`; parameters are counted on a
-  model built on the meta device (exact, no memory, no time).
+  model built on the meta device (exact, no memory, no time). An arm's FLOPs
+  are `flops.training_flops` over its steps, so an arm with a
+  `passes_schedule` is matched on its exact whole-run FLOPs (each step at its
+  scheduled S or K) and reports its run-average FLOPs per token.
 - Search trials (Optuna) are planned one at a time, when Optuna has picked
   their values, against the same baseline anchor: every search trial is held
   to the spec's fixed budget.
+- Tuning (`tuning:`): every arm's grid trial at the first seed is the
+  template of its tuning trials, `f"{budget_id}-tune-{arm}-t{n:03d}"`: same
+  model and planned steps (optim fields leave FLOPs per token unchanged, so
+  the grid's matching holds), the tuning seed, Optuna's optim values, no
+  pair. `apply_tuning` gives a grid trial its arm's best values once tuning
+  is done; ids, pairs and steps stay those of an untuned sweep.
 - Estimated wall time comes from a short measured probe: a few training steps
   and one evaluation of each distinct model config (shrunk when large) on this
   machine's CPU, scaled by FLOPs. A rough guide for CPU specs; GPU specs get
@@ -47,7 +56,8 @@ from functools import lru_cache
 import torch
 
 from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
-from lrt_model.flops import baseline_flops_per_token, training_flops_per_token
+from lrt_model.flops import (baseline_flops_per_token, mean_flops_per_token, run_flops_per_token, training_flops,
+                             training_flops_per_token)
 from lrt_model.model import GPT
 from lrt_model.optim import OptimConfig
 from lrt_model.train import TrainConfig
@@ -83,6 +93,8 @@ class Trial:
     config: dict  # a TrainConfig as a dict: what the trainer runs
     search: dict | None = None  # the values Optuna chose (search trials only)
     trial_number: int | None = None  # search trials: Tune's trial counter (0 = the enqueued defaults)
+    tuning: dict | None = None  # grid trials of a tuned spec: how their arm was tuned and its best values
+    tuning_trial: bool = False  # a tuning trial (never paired: pair_id None)
     est_wall_s: float | None = None
 
     def to_dict(self) -> dict:
@@ -138,7 +150,11 @@ def _mismatch(flops: float, reference: float) -> float:
 def _matched_steps(spec: Spec, cfg: ModelConfig, base_steps: int, base_flops: float, bt: int) -> int:
     if spec.matching == "tokens":
         return base_steps
-    return max(1, round(base_flops / (training_flops_per_token(cfg) * bt)))
+    guess = max(1, round(base_flops / (mean_flops_per_token(cfg) * bt)))
+    if cfg.recurrence is None or cfg.recurrence.passes_schedule is None:
+        return guess
+    # a schedule's boundaries move with the step count: take the exact best of the counts around the guess
+    return min(range(max(1, guess - 3), guess + 4), key=lambda n: abs(training_flops(cfg, n, bt) - base_flops))
 
 
 def match_steps(spec: Spec, depth: int, value: float, configs: dict[str, ModelConfig],
@@ -147,17 +163,16 @@ def match_steps(spec: Spec, depth: int, value: float, configs: dict[str, ModelCo
     `base_steps` fixes the baseline's steps (search trials match an already planned baseline)."""
     bt = batch_tokens(spec)
     names = list(configs)
-    base_fpt = training_flops_per_token(configs[names[0]])
     ideal = anchor_tokens(spec, depth, value) / bt
     near = range(math.floor(ideal) - 2, math.ceil(ideal) + 3)  # a step or two off the budget may match far better
     candidates = [base_steps] if base_steps else sorted({max(1, n) for n in near})
     best = None
     for nb in candidates:
-        base_flops = nb * bt * base_fpt
+        base_flops = training_flops(configs[names[0]], nb, bt)
         steps = {names[0]: nb}
         for name in names[1:]:
             steps[name] = _matched_steps(spec, configs[name], nb, base_flops, bt)
-        gaps = {n: _mismatch(steps[n] * bt * training_flops_per_token(configs[n]), base_flops) for n in names[1:]}
+        gaps = {n: _mismatch(training_flops(configs[n], steps[n], bt), base_flops) for n in names[1:]}
         worst = max(gaps.values(), default=0.0)
         key = (round(worst, 12) if spec.matching == "compute" else 0.0, abs(nb - ideal))
         if best is None or key < best[0]:
@@ -211,12 +226,12 @@ def _trial(spec: Spec, root: str, arm: str, model: ModelConfig, depth: int, valu
     pair = f"{bid}-s{seed}"
     trial_id = trial_id or f"{pair}-{arm}"
     bt = batch_tokens(spec)
-    fpt = training_flops_per_token(model)
+    flops = training_flops(model, steps, bt)  # exact: each step at its scheduled passes
     return Trial(
         trial_id=trial_id, arm=arm, strategy=model.recurrence.strategy if model.recurrence else "baseline",
         depth=depth, budget_id=bid, budget_kind=spec.budgets.kind, budget_value=value, seed=seed, pair_id=pair,
         matching=spec.matching, params=count_params(model), tokens=steps * bt, steps=steps, batch_tokens=bt,
-        flops=steps * bt * fpt, flops_per_token=fpt,
+        flops=flops, flops_per_token=run_flops_per_token(model, steps),
         config=train_config(spec, root, trial_id, model, optim, seed, steps), search=search,
         trial_number=trial_number,
     )
@@ -258,6 +273,8 @@ def apply_search_params(spec: Spec, params: dict) -> tuple[ModelConfig, OptimCon
         group, name = key.split(".", 1)
         if key != FINAL_WEIGHT:
             {"recurrence": rec, "optim": optim, "model": model}[group][name] = value
+    if params.get("recurrence.passes_schedule") is not None:  # a searched schedule sets passes: its last value
+        rec["passes"] = rec["passes_schedule"][-1][1]
     if final_weight is not None and rec["strategy"] != "sequential":
         rec["loss_weights"] = [1.0] * rec["passes"] + [float(final_weight)]
     if rec["strategy"] == "sequential":
@@ -280,8 +297,39 @@ def plan_search_trial(spec: Spec, params: dict, index: int, root: str | None = N
     return _trial(spec, root, arm, model, depth, value, seed, steps[arm], optim, trial_id, dict(params), index)
 
 
+def tuning_templates(spec: Spec, trials: list[Trial]) -> list[tuple[str, Trial]]:
+    """(phase name, template) per budget and arm in run order: each arm's grid trial at the first seed."""
+    return [(f"tune-{t.budget_id}-{t.arm}", t) for t in trials if t.seed == spec.seeds[0]]
+
+
+def tuned_optim(spec: Spec, params: dict) -> OptimConfig:
+    """The spec's OptimConfig with tuned values (dotted `optim.*` names) applied."""
+    return dataclasses.replace(OptimConfig(**spec.optim.overrides()),
+                               **{k.split(".", 1)[1]: v for k, v in params.items()})
+
+
+def plan_tuning_trial(spec: Spec, template: Trial, params: dict, index: int, root: str | None = None) -> Trial:
+    """One tuning trial of the template's arm and budget: its model and planned steps, the tuning seed,
+    Optuna's optim values; unpaired, so comparisons never see it."""
+    model = ModelConfig.from_dict(template.config["model"])
+    trial_id = f"{template.budget_id}-tune-{template.arm}-t{index:03d}"
+    t = _trial(spec, _root(spec, root), template.arm, model, template.depth, template.budget_value,
+               spec.tuning.train_seed, template.steps, tuned_optim(spec, params), trial_id, dict(params), index)
+    return dataclasses.replace(t, pair_id=None, tuning_trial=True)
+
+
+def apply_tuning(spec: Spec, trial: Trial, best: dict, best_value: float) -> Trial:
+    """A grid trial running its arm's best tuning values; trial id, pair and steps unchanged."""
+    t = spec.tuning
+    optim = {**trial.config["optim"], **{k.split(".", 1)[1]: v for k, v in best.items()}}
+    info = {"sampler": t.sampler, "trials": t.trials, "space": list(t.space), "seed": t.seed,
+            "train_seed": t.train_seed, "best": dict(best), "best_value": best_value}
+    return dataclasses.replace(trial, config={**trial.config, "optim": optim}, tuning=info)
+
+
 FLOPS_FIELDS = ("recurrence.strategy", "recurrence.passes", "recurrence.refresh_kv", "recurrence.injection",
-                "recurrence.projection", "model.width", "model.head_dim", "model.n_kv_head", "model.value_embeds")
+                "recurrence.projection", "recurrence.passes_schedule", "model.width", "model.head_dim",
+                "model.n_kv_head", "model.value_embeds")
 
 
 def _search_corners(spec: Spec, limit: int = 256) -> list[tuple[dict, str]]:
@@ -347,7 +395,7 @@ def _probe_config(cfg: ModelConfig) -> ModelConfig:
     depth = min(cfg.depth, 2)
     if rec is not None:
         rec = dataclasses.replace(rec, source_layer=-1, passes=min(rec.passes, 4),
-                                  loss_weights=None)
+                                  loss_weights=None, passes_schedule=None)  # probed at the final passes
     head = min(cfg.head_dim, 64)
     return ModelConfig(depth=depth, vocab_size=min(cfg.vocab_size, 4096), seq_len=min(cfg.seq_len, 256),
                        head_dim=head, width=None, recurrence=rec)
@@ -434,6 +482,44 @@ def format_plan(trials: list[Trial], spec: Spec, search_note: str | None = None)
     return "\n".join(out)
 
 
+def tuning_plan(spec: Spec, trials: list[Trial], root: str | None = None) -> dict | None:
+    """The tuning phases of a dry run: per budget and arm, how many trials of which size (estimated)."""
+    from .spec import tuning_default_point
+
+    if spec.tuning is None:
+        return None
+    t = spec.tuning
+    phases = []
+    for name, template in tuning_templates(spec, trials):
+        first = plan_tuning_trial(spec, template, tuning_default_point(spec), 0, root)
+        wall = template.est_wall_s * t.trials if template.est_wall_s is not None else None
+        phases.append({"phase": name, "arm": template.arm, "budget_id": template.budget_id, "trials": t.trials,
+                       "first_trial": first.trial_id, "steps": first.steps, "flops_per_trial": first.flops,
+                       "est_wall_s": wall})
+    walls = [p["est_wall_s"] for p in phases]
+    return {"trials_per_arm": t.trials, "sampler": t.sampler, "seed": t.seed, "train_seed": t.train_seed,
+            "metric": t.metric, "space": {k: d.model_dump(exclude_none=True) for k, d in t.space.items()},
+            "phases": phases, "trials": t.trials * len(phases),
+            "est_wall_s": sum(walls) if None not in walls else None}
+
+
+def format_tuning(tuning: dict) -> str:
+    """The tuning phases as a table, run before the grid plan."""
+    dims = "; ".join(f"{k} {d['type']} [{d['low']:g}, {d['high']:g}]" if "low" in d else f"{k} {d['choices']}"
+                     for k, d in tuning["space"].items())
+    cols = ["phase", "arm", "budget", "trials", "steps/trial", "FLOPs/trial", "est. wall"]
+    rows = [[p["phase"], p["arm"], p["budget_id"], str(p["trials"]), str(p["steps"]), _si(p["flops_per_trial"]),
+             f"{p['est_wall_s']:.0f}s" if p["est_wall_s"] is not None else "-"] for p in tuning["phases"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([
+        f"tuning: {tuning['trials_per_arm']} trials per arm and budget ({tuning['trials']} in all; trial 0 = the "
+        f"spec's own settings), {tuning['sampler']} sampler seed {tuning['seed']}, training seed "
+        f"{tuning['train_seed']}, minimising {tuning['metric']}; space: {dims}",
+        line(cols), line(["-" * w for w in widths]), *map(line, rows),
+        "then the grid below runs every arm with its best setting and the spec's seeds"])
+
+
 def dry_run(spec: Spec, probe: bool = True, root: str | None = None) -> dict:
     """The plan as JSON-ready data (what `--dry-run --json` prints)."""
     trials = plan(spec, root)
@@ -448,6 +534,9 @@ def dry_run(spec: Spec, probe: bool = True, root: str | None = None) -> dict:
     summary = plan_summary(trials)
     if search is not None and summary["est_wall_s"] is not None:
         summary["est_wall_s"] += (spec.search.num_trials - 1) * trials[-1].est_wall_s
+    tuning = tuning_plan(spec, trials, root)
+    if tuning is not None:
+        summary["est_wall_s"] = None if tuning["est_wall_s"] is None else summary["est_wall_s"] + tuning["est_wall_s"]
     return {"experiment": spec.experiment, "spec_hash": spec_hash(spec), "matching": spec.matching,
             "budget_kind": spec.budgets.kind, "trials": [t.to_dict() for t in trials], "summary": summary,
-            "search": search}
+            "search": search, "tuning": tuning}

@@ -9,6 +9,8 @@ Design choices:
 - Arms are flat in YAML: `{name: lrt, strategy: interleaved, passes: 2}` or
   `{name: base, baseline: true}`. Recurrence fields mirror `RecurrenceConfig`;
   unset fields keep its defaults (the paper's settings).
+  An arm with `passes_schedule` and no `passes` takes the schedule's last
+  value as `passes` (the S or K it ends with and evaluates with).
 - Budgets are FLOPs, tokens or tokens-per-parameter values, either one list
   for every depth or a mapping `{depth: [values]}`. Turning budgets into
   tokens and steps is the planner's job, not this module's.
@@ -18,6 +20,11 @@ Design choices:
   12 hex characters. Where results are stored (storage, tracking) and how
   they are executed (max_concurrent_trials, max_failures) are left out of the
   hash: changing them must not turn a resumable sweep into a new one.
+- `tuning:` gives every arm (baseline included) the same Optuna search at
+  every budget, over `optim.*` fields only: they apply to every arm alike
+  and leave FLOPs per token unchanged, so the planner's step matching holds
+  for every tuning trial. `search:` (one LRT arm's fields) and `tuning:`
+  exclude each other.
 
 Example:
     >>> from lrt_platform.spec import load_spec, spec_hash
@@ -50,7 +57,7 @@ UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_tri
             "optim": {"muon"}}
 # fields added after sweeps were already running: left out of the hash while unset (None), so a running
 # sweep keeps its hash (and its storage) and only a spec that sets them gets a new one; "*" = every list item
-HASHED_ONLY_WHEN_SET = (("optim", "lr_scale"),)
+HASHED_ONLY_WHEN_SET = (("optim", "lr_scale"), ("tuning",), ("arms", "*", "passes_schedule"))
 
 
 class SpecError(ValueError):
@@ -132,6 +139,7 @@ class ArmSpec(_Strict):
     refresh_kv: bool | None = None
     detach: bool | None = None
     loss_weights: list[float] | None = None
+    passes_schedule: list[tuple[float, int]] | None = None  # [[fraction, passes], ...]; passes defaults to the last
     recompute_mlp: bool | None = None
 
     @field_validator("name")
@@ -152,7 +160,10 @@ class ArmSpec(_Strict):
         """The arm's RecurrenceConfig (unset fields keep the paper's defaults); None for the baseline."""
         if self.baseline:
             return None
-        return RecurrenceConfig(**{f: getattr(self, f) for f in RECURRENCE_FIELDS if getattr(self, f) is not None})
+        fields = {f: getattr(self, f) for f in RECURRENCE_FIELDS if getattr(self, f) is not None}
+        if self.passes_schedule and self.passes is None:  # written once: the schedule's last value is `passes`
+            fields["passes"] = self.passes_schedule[-1][1]
+        return RecurrenceConfig(**fields)
 
 
 BudgetValues = dict[int, list[float]]  # depth -> values; key 0 = "every depth"
@@ -320,6 +331,39 @@ class SearchSpec(_Strict):
         return self
 
 
+class TuningSpec(_Strict):
+    """Equal tuning effort: the same search, for every arm, at every budget; the grid then runs each arm's best."""
+
+    space: dict[str, Dist]  # optim.* fields only
+    trials: int = 6  # per arm and budget, the arm's own settings (trial 0) included
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0  # the sampler's seed, the same for every arm
+    train_seed: int = 1000  # the training seed of every tuning trial; not one of the spec's seeds
+    metric: str = "val_bpb"  # minimised: train()'s headline view (sequential for LRT arms, full for the baseline)
+
+    @field_validator("space")
+    @classmethod
+    def _optim_only(cls, v: dict[str, Dist]) -> dict[str, Dist]:
+        if not v:
+            raise ValueError("the tuning space is empty; give at least one optim.* field, e.g. optim.lr_scale")
+        allowed = [f for f in search_fields() if f.startswith("optim.")]
+        for key, dist in v.items():
+            if key not in allowed:
+                raise ValueError(f"{key!r} cannot be tuned: only optim.* fields apply to every arm alike and leave "
+                                 f"FLOPs per token unchanged (use `search:` for one LRT arm's fields); allowed: "
+                                 f"{', '.join(allowed)}")
+            if dist.when:
+                raise ValueError(f"{key}.when: tuning dimensions are unconditional; remove `when`")
+        return v
+
+    @field_validator("trials")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"trials={v}: give at least 1 trial per arm and budget (trial 0 = the arm's own settings)")
+        return v
+
+
 class ResourcesSpec(_Strict):
     workers_per_trial: PosInt = 1  # > 1: a Ray Train TorchTrainer (DDP) per trial
     cpus_per_worker: PosFloat = 1.0
@@ -349,6 +393,7 @@ class Spec(_Strict):
     optim: OptimSpec = OptimSpec()
     eval: EvalSpec = EvalSpec()
     search: SearchSpec | None = None
+    tuning: TuningSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
     failure: FailureSpec = FailureSpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -378,6 +423,8 @@ class Spec(_Strict):
         _check_batch(self)
         if self.search is not None:
             _check_search(self)
+        if self.tuning is not None:
+            _check_tuning(self)
         return self
 
     # -- convenience views used by the planner and the sweep
@@ -475,6 +522,26 @@ def _check_search(spec: Spec) -> None:
             if key in point and not dist.contains(point[key]):
                 raise ValueError(f"search.space.{key}: the arm's value {point[key]!r} (the enqueued default trial) lies "
                                  "outside the space; widen the space or set search.enqueue_defaults: false")
+
+
+def _check_tuning(spec: Spec) -> None:
+    t = spec.tuning
+    if spec.search is not None:
+        raise ValueError("tuning: a spec takes `tuning` or `search`, not both (a search tunes only one LRT arm, "
+                         "tuning gives every arm the same search); remove one")
+    if t.train_seed in spec.seeds:
+        raise ValueError(f"tuning.train_seed={t.train_seed} is one of seeds {spec.seeds}; tuning trials need a seed "
+                         "the comparison does not re-run (its seeds must be fresh), e.g. 1000")
+    for key, value in tuning_default_point(spec).items():
+        if not t.space[key].contains(value):
+            raise ValueError(f"tuning.space.{key}: the spec's value {value!r} (trial 0, the untuned setting every "
+                             "arm tries first) lies outside the space; widen the space")
+
+
+def tuning_default_point(spec: Spec) -> dict[str, Any]:
+    """Every tuned field's value in the spec's own OptimConfig: trial 0 of every arm's tuning search."""
+    optim = OptimConfig(**spec.optim.overrides())
+    return {key: getattr(optim, key.split(".", 1)[1]) for key in spec.tuning.space}
 
 
 def default_point(spec: Spec) -> dict[str, Any]:

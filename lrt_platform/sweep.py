@@ -11,13 +11,19 @@ Design choices:
   initialised in this process (tests) is used as is.
 - A sweep lives in `<storage>/<experiment>/<spec_hash>/`. Grid sweeps run one
   Tune experiment `grid`; search sweeps run `grid` (the baseline references)
-  then `search` (Optuna). Running a spec whose folder exists needs --resume
+  then `search` (Optuna). Tuned sweeps (`tuning:`) first run one Tune
+  experiment per budget and arm, `tune-<budget_id>-<arm>`, one after another
+  (the same search for every arm), then `grid` with each arm's best values;
+  the grid waits until every arm's tuning finished without failures, and
+  on --resume a finished tuning phase gives back its best without training.
+  Running a spec whose folder exists needs --resume
   (continue: finished trials are not rerun, interrupted ones continue from
   their checkpoints) or --overwrite (start over).
 - Data is prepared once in the driver (corpus build, tokenizer training), so
   concurrent trials find it cached instead of racing to build it.
 - At the end: one line per trial (as they finish), the comparison table for
-  this sweep's tracking run, where to look in the MLflow UI, and the
+  this sweep's tracking run (verdicts, power, tuning; also logged to that run:
+  `verdict.*` tags, comparison.json/.txt), where to look in the MLflow UI, and the
   orchestration overhead: ((sweep wall time - data preparation) x trial slots
   - sum of the trials' own training wall_s) / trials, over the trials that
   ran in this invocation. Ray start-up, tracking set-up, Tune, idle slots and
@@ -48,7 +54,8 @@ from lrt_model.config import ConfigError
 from lrt_model.data import DataError
 
 from . import storage
-from .planner import PlanError, Trial, check_search_budget, dry_run, format_plan, plan
+from .planner import (PlanError, Trial, apply_tuning, check_search_budget, dry_run, format_plan, format_tuning, plan,
+                      tuning_templates)
 from .spec import Spec, SpecError, load_spec, spec_hash
 
 
@@ -96,14 +103,16 @@ def run(args) -> int:
         check_search_budget(spec)  # a budget the searched configs cannot match fails here, not in a trial
     if args.dry_run:
         return _print_dry_run(spec, root, args)
-    phases = ["grid"] + (["search"] if spec.search is not None else [])
+    tuning = [name for name, _ in tuning_templates(spec, trials)] if spec.tuning is not None else []
+    phases = tuning + ["grid"] + (["search"] if spec.search is not None else [])
     _check_existing(spec, root, phases, args)
     from .execution import safe  # Ray is imported only once a sweep really runs: dry runs and errors stay fast
 
     clock = {"start": t_start}
     slots = _start_cluster(spec, args.address, clock)
     ctx, tracker = _start_tracking(spec, args.spec, text, h, root, trials, clock, resume=not args.overwrite)
-    n_planned = len(trials) + (spec.search.num_trials if spec.search else 0)
+    n_planned = len(trials) + (spec.search.num_trials if spec.search else 0) + \
+        (len(tuning) * spec.tuning.trials if spec.tuning else 0)
     print(f"[sweep] {spec.experiment} ({h}): {n_planned} trials, {min(slots, n_planned)} at a time, "
           f"{'resuming, ' if args.resume else ''}storage {root}", flush=True)
     results, unfinished = _run_phases(ctx, trials, phases, slots, args.resume)
@@ -146,7 +155,7 @@ def _start_tracking(spec: Spec, spec_path: str, text: str, h: str, root: str, tr
     uri = _tracking_uri(spec.tracking.uri)
     tracker = make_tracker(uri, spec.experiment_name)
     parent = safe("start_sweep", tracker.start_sweep, spec_path, text, h, [t.to_dict() for t in trials],
-                  resume=resume)
+                  sweep_kind="tuned" if spec.tuning is not None else None, resume=resume)
     clock["tracking"] = time.time()
     ctx = SweepContext(spec=spec, spec_hash=h, root=root, trials={t.trial_id: t.to_dict() for t in trials},
                        tracking_uri=uri, experiment=spec.experiment_name, parent_run_id=parent)
@@ -159,6 +168,10 @@ def _print_dry_run(spec: Spec, root: str, args) -> int:
         print(json.dumps(data, indent=1))
         return 0
     note = None
+    if data["tuning"]:
+        print(format_tuning(data["tuning"]) + "\n")
+        if data["summary"]["est_wall_s"] is not None:
+            note = f"est. total, tuning + grid, one trial at a time: {data['summary']['est_wall_s']:.0f}s"
     if data["search"]:
         s = data["search"]
         note = (f"search: the last row is the first of {s['num_trials']} Optuna trials (the arm's own settings); "
@@ -217,24 +230,63 @@ def _run_phases(ctx, trials: list[Trial], phases: list[str], slots: int, resume:
     callback = execution.ProgressLog()
     if resume:  # resumed search trials that had failed: OptunaSearch warns with each whole result; we reconcile
         logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
-    results = []
+    templates = dict(tuning_templates(ctx.spec, trials)) if ctx.spec.tuning is not None else {}
+    results, best = [], {}
     for phase in phases:
+        if phase == "grid" and templates:
+            missing = [p for p in templates if p not in best]
+            if missing:  # equal effort: no arm enters the comparison before every arm's tuning is complete
+                print(f"[sweep] the grid waits for every arm's tuning: {', '.join(missing)} had failed trials (or "
+                      f"none reported {ctx.spec.tuning.metric})", file=sys.stderr)
+                return results, 0
+            ctx = _tuned_context(ctx, trials, best)
         tuner = execution.restore_tuner(ctx, phase) if resume else None
-        if tuner is None and phase == "grid":
-            tuner = execution.make_grid_tuner(ctx, [t.trial_id for t in trials], slots, callback)
-        elif tuner is None:
-            base = trials[0]
-            tuner = execution.make_search_tuner(ctx, slots, callback, budget_flops=base.flops,
-                                                budget_tokens=float(base.tokens))
+        if tuner is None:
+            tuner = _new_tuner(ctx, phase, trials, templates, slots, callback)
         phase_results = list(tuner.fit())
         if phase == "search" and resume and execution.reconcile_study(ctx, phase_results):
             print("[sweep] resumed search trials that had failed are now recorded as completed in the Optuna study")
+        if phase in templates:
+            _note_best(ctx.spec, phase, templates[phase], phase_results, best)
         results.extend(phase_results)
-        expected = len(trials) if phase == "grid" else ctx.spec.search.num_trials
+        expected = len(trials) if phase == "grid" else \
+            ctx.spec.search.num_trials if phase == "search" else ctx.spec.tuning.trials
         unfinished = execution.unfinished_trials(ctx, phase, expected)
         if unfinished:
             return results, unfinished
     return results, 0
+
+
+def _new_tuner(ctx, phase: str, trials: list[Trial], templates: dict, slots: int, callback):
+    from . import execution
+
+    if phase in templates:
+        return execution.make_tuning_tuner(ctx, phase, templates[phase].trial_id, slots, callback)
+    if phase == "grid":
+        return execution.make_grid_tuner(ctx, [t.trial_id for t in trials], slots, callback)
+    base = trials[0]
+    return execution.make_search_tuner(ctx, slots, callback, budget_flops=base.flops, budget_tokens=float(base.tokens))
+
+
+def _note_best(spec: Spec, phase: str, template: Trial, results: list, best: dict) -> None:
+    """Record an arm's best tuning values, only when all its trials finished (equal effort for every arm)."""
+    from .execution import best_tuning
+
+    found = best_tuning(spec, results)
+    if found is None or any(r.error is not None for r in results):
+        return
+    best[phase] = found
+    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in found[0].items())
+    print(f"[sweep] tuned {template.arm} at {template.budget_id}: {values} ({spec.tuning.metric} {found[1]:.4f}, "
+          f"best of {len(results)} trials)", flush=True)
+
+
+def _tuned_context(ctx, trials: list[Trial], best: dict):
+    """The grid's context: every grid trial runs its arm's best tuning values (ids and pairs unchanged)."""
+    import dataclasses
+
+    tuned = [apply_tuning(ctx.spec, t, *best[f"tune-{t.budget_id}-{t.arm}"]) for t in trials]
+    return dataclasses.replace(ctx, trials={t.trial_id: t.to_dict() for t in tuned})
 
 
 def overhead(results: list, clock: dict, slots: int) -> dict:
@@ -259,9 +311,16 @@ def overhead(results: list, clock: dict, slots: int) -> dict:
 
 def _report(spec: Spec, uri: str, tracker, parent: str | None, results: list, clock: dict, slots: int) -> None:
     try:
-        from .compare import compare, format_report
+        from .compare import compare, format_report, to_json
 
-        print(format_report(compare(uri, spec.experiment_name, parent)), flush=True)
+        report = compare(uri, spec.experiment_name, parent)
+        text = format_report(report)
+        print(text, flush=True)
+        try:  # the verdicts on the sweep's parent run too; best effort, the table above is the answer
+            if parent:
+                tracker.log_sweep_summary(parent, to_json(report), text)
+        except Exception as e:  # noqa: BLE001
+            print(f"[sweep] warning: comparison not logged to the sweep run: {e}".splitlines()[0], file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - the sweep's results are stored; a report problem must not hide that
         print(f"[sweep] comparison unavailable: {e}", file=sys.stderr)
     _print_ui_hint(uri, tracker)

@@ -126,6 +126,49 @@ def test_search_budget_checked_at_the_costliest_corner():
         check_search_budget(small)
 
 
+def test_tuning_trials_are_held_to_their_arms_grid_budget():
+    spec = load_spec(f"{ROOT}/sweep_specs/tiny/tuned.yaml")
+    grid = plan(spec, root="/tmp/x")
+    templates = planner.tuning_templates(spec, grid)
+    assert [name for name, _ in templates] == ["tune-d1-flops8e9-baseline", "tune-d1-flops8e9-lrt_s2"]
+    params = {"optim.lr_scale": 0.5, "optim.warmup_frac": 0.1}
+    for _, template in templates:
+        t = planner.plan_tuning_trial(spec, template, params, 3, root="/tmp/x")
+        assert t.trial_id == f"d1-flops8e9-tune-{template.arm}-t003" and t.arm == template.arm
+        assert t.pair_id is None and t.tuning_trial and t.seed == t.config["seed"] == 1000
+        assert (t.steps, t.flops, t.config["model"]) == (template.steps, template.flops, template.config["model"])
+        assert t.config["optim"]["lr_scale"] == 0.5 and t.config["optim"]["warmup_frac"] == 0.1
+        assert t.config["checkpoint_dir"] == f"/tmp/x/trials/{t.trial_id}/ckpt"
+    tuned = planner.apply_tuning(spec, grid[1], params, 2.5)
+    assert (tuned.trial_id, tuned.pair_id, tuned.steps, tuned.seed) == (grid[1].trial_id, grid[1].pair_id,
+                                                                         grid[1].steps, grid[1].seed)
+    assert tuned.config["optim"]["lr_scale"] == 0.5 and grid[1].config["optim"]["lr_scale"] == 1.0
+    assert tuned.tuning == {"sampler": "random", "trials": 2, "space": list(params), "seed": 0, "train_seed": 1000,
+                            "best": params, "best_value": 2.5}
+
+
+def test_dry_run_shows_the_tuning_phases(tmp_path, capsys):
+    spec_path = f"{ROOT}/sweep_specs/tiny/tuned.yaml"
+    assert sweep.main([spec_path, "--dry-run", "--json", "--storage", str(tmp_path / "runs")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    tuning = data["tuning"]
+    assert [p["phase"] for p in tuning["phases"]] == ["tune-d1-flops8e9-baseline", "tune-d1-flops8e9-lrt_s2"]
+    assert all(p["trials"] == 2 for p in tuning["phases"]) and tuning["trials"] == 4
+    assert list(tuning["space"]) == ["optim.lr_scale", "optim.warmup_frac"] and tuning["train_seed"] == 1000
+    grid = {t["arm"]: t for t in data["trials"] if t["seed"] == 0}
+    for p in tuning["phases"]:  # a tuning trial costs what its arm's grid trial costs
+        assert p["steps"] == grid[p["arm"]]["steps"] and p["first_trial"].endswith("-t000")
+        assert p["est_wall_s"] == pytest.approx(2 * grid[p["arm"]]["est_wall_s"])
+    grid_wall = sum(t["est_wall_s"] for t in data["trials"])
+    assert data["summary"]["est_wall_s"] == pytest.approx(grid_wall + tuning["est_wall_s"])
+    assert len(data["trials"]) == 4 and data["summary"]["max_pair_mismatch"] < 0.01
+    assert not (tmp_path / "runs").exists()
+    assert sweep.main([spec_path, "--dry-run", "--no-probe", "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "tuning: 2 trials per arm and budget" in out and "tune-d1-flops8e9-lrt_s2" in out
+    assert "optim.lr_scale loguniform [0.25, 2]" in out and "plan for tuned_tiny" in out
+
+
 def test_scaling_spec_pairs_match():
     trials = plan(load_spec(f"{ROOT}/sweep_specs/scaling.yaml"))
     assert len(trials) == 3 * 3 * 3 and plan_summary(trials)["max_pair_mismatch"] < 0.01
@@ -158,3 +201,58 @@ def test_probe_estimates_are_positive_and_cached():
     planner.estimate_wall(trials, spec)  # every distinct config probed once
     assert time.time() - t0 < 0.5
     assert all(t.est_wall_s > 0 for t in trials)
+
+
+def test_fidelity_spec_matches_every_arm_within_one_percent():
+    """Every arm of fidelity_cpu.yaml, the adaptive-S (passes_schedule) arm included, gets the baseline's
+    exact whole-run training FLOPs within 1% at every budget and seed."""
+    from lrt_model.flops import training_flops
+
+    data = planner.dry_run(load_spec(f"{ROOT}/sweep_specs/fidelity_cpu.yaml"), probe=False, root="/tmp/x")
+    trials = data["trials"]
+    assert {t["arm"] for t in trials} == {"baseline", "lrt_s2", "lrt_adaptive", "lrt_s2_refresh"}
+    assert len(trials) == 4 * 3 and data["summary"]["max_pair_mismatch"] < 0.01
+    base = {t["pair_id"]: t["flops"] for t in trials if t["arm"] == "baseline"}
+    for t in trials:
+        model = planner.ModelConfig.from_dict(t["config"]["model"])
+        assert t["flops"] == training_flops(model, t["steps"], t["batch_tokens"])  # exact, step by step
+        assert abs(t["flops"] - base[t["pair_id"]]) / base[t["pair_id"]] < 0.01, t["trial_id"]
+    adaptive = next(t for t in trials if t["arm"] == "lrt_adaptive")
+    rec = adaptive["config"]["model"]["recurrence"]
+    assert rec["passes_schedule"] == [[0.0, 2], [0.5, 4], [0.8, 8]] and rec["passes"] == 8
+
+
+SCHEDULES = [None, [[0.0, 2]], [[0.0, 2], [0.6, 4]], [[0.0, 1], [0.5, 3]]]
+
+
+def test_passes_schedule_is_a_search_dimension():
+    """Lists travel through Optuna as JSON strings; a sampled schedule sets passes to its last value and is
+    held to the baseline's FLOPs like any searched arm (a K schedule changes FLOPs per token)."""
+    from lrt_platform.execution import decode_choice, encode_choice
+    from lrt_platform.spec import SpecError, default_point, spec_hash
+
+    text = BASE.replace("  - {name: k3, strategy: multi_refine, passes: 3}\n", "").replace("seeds: [0, 1]", "seeds: [0]")
+    search = ("search:\n  space:\n    recurrence.strategy: {type: categorical, choices: [interleaved, multi_refine]}\n"
+              f"    recurrence.passes_schedule: {{type: categorical, choices: {json.dumps(SCHEDULES)}}}\n")
+    spec = _spec(text + search)
+    assert default_point(spec)["recurrence.passes_schedule"] is None
+    assert "recurrence.passes_schedule" in planner.FLOPS_FIELDS
+    check_search_budget(spec)
+    base = plan(spec, root="/tmp/x")[0]
+    for schedule in SCHEDULES:
+        encoded = encode_choice(schedule)
+        assert schedule is None or isinstance(encoded, str)
+        for strategy in ("interleaved", "multi_refine"):
+            params = {"recurrence.strategy": strategy, "recurrence.passes_schedule": decode_choice(encoded)}
+            t = plan_search_trial(spec, params, 1, root="/tmp/x")
+            rec = t.config["model"]["recurrence"]
+            assert rec["passes_schedule"] == schedule
+            assert rec["passes"] == (schedule[-1][1] if schedule else 2)
+            assert abs(t.flops - base.flops) / base.flops < 0.01
+    # an arm's own schedule is a spec field: passes follows it, and specs without it keep their hash
+    arm = _spec(BASE.replace("{name: s2, strategy: interleaved, passes: 2}",
+                             "{name: s2, strategy: interleaved, passes_schedule: [[0, 2], [0.5, 4]]}"))
+    assert arm.lrt_arms[0].recurrence().passes == 4
+    assert spec_hash(arm) != spec_hash(_spec())
+    with pytest.raises(SpecError, match=r"arms\[1\] \(s2\), depth 2: passes=2 must equal .* set passes=4"):
+        _spec(BASE.replace("passes: 2}", "passes: 2, passes_schedule: [[0, 2], [0.5, 4]]}"))

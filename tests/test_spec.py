@@ -36,7 +36,8 @@ def test_every_shipped_spec_validates(path):
 def test_shipped_specs_cover_the_issue():
     names = {os.path.relpath(p, f"{ROOT}/sweep_specs") for p in glob.glob(f"{ROOT}/sweep_specs/**/*.yaml", recursive=True)}
     assert {"quickstart.yaml", "scaling.yaml", "schedule_search.yaml", "injection_search.yaml",
-            "tiny/quickstart.yaml", "tiny/schedule_search.yaml", "tiny/injection_search.yaml"} <= names
+            "tiny/quickstart.yaml", "tiny/schedule_search.yaml", "tiny/injection_search.yaml",
+            "tuned_cpu.yaml", "tiny/tuned.yaml"} <= names
 
 
 def test_defaults_and_views():
@@ -109,6 +110,31 @@ def test_search_block_validation():
     assert "one fixed budget" in _error(BASE.replace("[1.0e+11]", "[1.0e+11, 2.0e+11]") + search)
 
 
+TUNING = """tuning:
+  space:
+    optim.lr_scale: {type: loguniform, low: 0.25, high: 2.0}
+    optim.warmup_frac: {type: float, low: 0.0, high: 0.2}
+"""
+
+
+def test_tuning_block_validation():
+    spec = parse_spec(BASE + TUNING)
+    t = spec.tuning
+    assert (t.trials, t.sampler, t.seed, t.train_seed, t.metric) == (6, "tpe", 0, 1000, "val_bpb")
+    msg = _error(BASE + TUNING.replace("optim.warmup_frac", "recurrence.passes"))
+    assert msg.startswith("bad.yaml: tuning.space: ") and "only optim.* fields" in msg and "FLOPs per token" in msg
+    assert "tuning.trials" in _error(BASE + TUNING + "  trials: 0\n") and "at least 1 trial" in _error(
+        BASE + TUNING + "  trials: 0\n")
+    msg = _error(BASE + TUNING + "  train_seed: 1\n")
+    assert "tuning.train_seed=1" in msg and "seeds [0, 1]" in msg
+    search = "search:\n  space:\n    optim.lr_scale: {type: float, low: 0.5, high: 2}\n"
+    msg = _error(BASE.replace("seeds: [0, 1]", "seeds: [0]") + TUNING + search)
+    assert "`tuning` or `search`, not both" in msg and "only one LRT arm" in msg
+    assert "lies outside the space" in _error(BASE + TUNING.replace("low: 0.25", "low: 1.5"))  # lr_scale 1.0 = trial 0
+    assert "unconditional" in _error(BASE + TUNING.replace("high: 0.2}", "high: 0.2, when: {optim.lr_scale: 1}}"))
+    assert "tuning space is empty" in _error(BASE + "tuning: {space: {}}\n")
+
+
 def test_spec_hash_is_stable_and_ignores_where_it_runs():
     a = parse_spec(BASE)
     reordered = parse_spec("seeds: [0, 1]\n" + BASE.replace("seeds: [0, 1]\n", "") + "storage: s3://b/x\n"
@@ -127,6 +153,7 @@ def test_existing_sweeps_keep_their_hash():
 
     spec = load_spec(str(Path(__file__).resolve().parents[1] / "sweep_specs" / "quickstart.yaml"))
     assert spec_hash(spec) == "022b64ca79c2"
+    assert spec_hash(parse_spec(BASE + TUNING)) != spec_hash(parse_spec(BASE))  # a tuned spec is a new sweep
 
 
 def test_not_yaml_and_not_a_mapping():

@@ -169,6 +169,53 @@ def test_multi_objective_searcher(ray_cluster, workdir):
 
 
 # ---------------------------------------------------------------------------
+# Equal tuning effort: the same search for every arm, then the grid with each arm's best
+
+
+def test_tuned_twin_tunes_every_arm_alike(ray_cluster, mlflow_server, workdir, capsys):
+    from lrt_platform.compare import build_report
+    from lrt_platform.tracking import Tracker
+
+    experiment = f"tuned_tiny_{os.getpid()}_{int(time.time())}"  # the mlflow server is shared by the session
+    spec_path = _variant(workdir, "tuned.yaml", "tuned.yaml", **{"seeds: [0, 1]": "seeds: [0]",
+                         "storage: ./runs": f"tracking: {{experiment: {experiment}}}\nstorage: ./runs"})
+    spec = load_spec(spec_path)
+    args = [spec_path, "--storage", str(workdir / "runs"), "--tracking-uri", mlflow_server]
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("[sweep] done") == 2 * spec.tuning.trials + 2
+    data = Tracker(mlflow_server, experiment).load_sweep()
+    tuning = [r for r in data["trials"] if r["tags"].get("tuning_trial") == "true"]
+    grid = [r for r in data["trials"] if r["tags"].get("tuning_trial") != "true"]
+    assert sorted(r["tags"]["arm"] for r in tuning) == ["baseline"] * 2 + ["lrt_s2"] * 2  # equal effort
+    assert all("pair_id" not in r["tags"] and r["tags"]["seed"] == "1000" for r in tuning)  # unpaired, own seed
+    assert {r["tags"]["trial_id"] for r in tuning} == {f"d1-flops8e9-tune-{a}-t00{n}" for a in ("baseline", "lrt_s2")
+                                                       for n in (0, 1)}
+    by_id = {r["tags"]["trial_id"]: r["params"] for r in tuning}
+    for arm in ("baseline", "lrt_s2"):  # trial 0: the spec's own settings; trial 1: the same draw for both arms
+        assert float(by_id[f"d1-flops8e9-tune-{arm}-t000"]["optim.lr_scale"]) == 1.0
+    assert by_id["d1-flops8e9-tune-baseline-t001"]["optim.lr_scale"] == \
+        by_id["d1-flops8e9-tune-lrt_s2-t001"]["optim.lr_scale"]
+    assert len(grid) == 2
+    for r in grid:
+        info = json.loads(r["tags"]["tuning"])
+        assert set(info) == {"sampler", "trials", "space", "seed", "train_seed", "best", "best_value"}
+        assert (info["sampler"], info["trials"], info["train_seed"]) == ("random", 2, 1000)
+        mine = [t for t in tuning if t["tags"]["arm"] == r["tags"]["arm"]]
+        winner = min(mine, key=lambda t: t["metrics"]["val_bpb"])
+        assert info["best_value"] == pytest.approx(winner["metrics"]["val_bpb"])
+        for key, value in info["best"].items():  # the best reached the grid trial's config
+            assert float(r["params"][key]) == pytest.approx(value) == pytest.approx(float(winner["params"][key]))
+    report = build_report(data)
+    assert report["counts"]["trials"] == 2 and not report["unmatched"]  # tuning runs never paired
+    assert report["comparisons"][0]["n_pairs"] == 1
+    assert sweep.main(args + ["--resume"]) == 0  # finished phases: their bests come back, nothing re-trains
+    out = capsys.readouterr().out
+    assert "[sweep] done" not in out
+    assert out.count("[sweep] tuned baseline at") == out.count("[sweep] tuned lrt_s2 at") == 1
+
+
+# ---------------------------------------------------------------------------
 # Multi-worker trials: a Ray Train V2 TorchTrainer inside the Tune trial
 
 
