@@ -155,8 +155,12 @@ def build_optimizers(model: GPT, cfg: OptimConfig, batch_tokens: int) -> list[to
 MUON_IMPLEMENTATIONS = {"batched": BatchedMuon, "torch": torch.optim.Muon}
 
 
+def warmup_steps(total_steps: int, cfg: OptimConfig) -> int:
+    return round(cfg.warmup_frac * total_steps)
+
+
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    warmup = round(cfg.warmup_frac * total_steps)
+    warmup = warmup_steps(total_steps, cfg)
     warmdown = round(cfg.warmdown_frac * total_steps)
     if step < warmup:
         return (step + 1) / warmup

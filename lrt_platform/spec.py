@@ -297,6 +297,18 @@ class AshaSpec(_Strict):
     time_attr: Literal["flops", "tokens"] = "flops"  # stop at equal compute (or equal data)
 
 
+TRAINING_VIEWS = ("val_bpb_merged", "val_bpb_full")  # LRT bpb that decoding does not deliver
+
+
+def decoding_view_metric(metric: str) -> str:
+    """A search optimises what decoding delivers: an LRT arm's merged (training) or full (zero-memory) view
+    would reward a schedule whose gain vanishes under true recurrence."""
+    if metric in TRAINING_VIEWS:
+        raise ValueError(f"metric {metric!r} is a training view that decoding does not deliver; use val_bpb "
+                         "(the sequential view for LRT arms, the full pass for the baseline)")
+    return metric
+
+
 class SearchSpec(_Strict):
     arm: str | None = None  # the LRT arm whose fields are searched; default the only LRT arm
     space: dict[str, Dist]
@@ -323,6 +335,11 @@ class SearchSpec(_Strict):
                 if dep not in allowed:
                     raise ValueError(f"{key}.when names {dep!r}, which is not a searchable field")
         return v
+
+    @field_validator("metric")
+    @classmethod
+    def _decoding_view(cls, v: str) -> str:
+        return decoding_view_metric(v)
 
     @model_validator(mode="after")
     def _compatible(self) -> "SearchSpec":
@@ -355,6 +372,11 @@ class TuningSpec(_Strict):
             if dist.when:
                 raise ValueError(f"{key}.when: tuning dimensions are unconditional; remove `when`")
         return v
+
+    @field_validator("metric")
+    @classmethod
+    def _decoding_view(cls, v: str) -> str:
+        return decoding_view_metric(v)
 
     @field_validator("trials")
     @classmethod

@@ -108,6 +108,8 @@ def test_search_block_validation():
     assert "low > 0" in _error(BASE + "search:\n  space:\n    optim.matrix_lr: {type: loguniform, low: 0, high: 1}\n")
     assert "asha" in _error(BASE + search + "  multi_objective: true\n  asha: {enabled: true}\n")
     assert "one fixed budget" in _error(BASE.replace("[1.0e+11]", "[1.0e+11, 2.0e+11]") + search)
+    msg = _error(BASE + search + "  metric: val_bpb_merged\n")  # fidelity-aware: never the training view
+    assert "search.metric" in msg and "decoding does not deliver" in msg and "use val_bpb" in msg
 
 
 TUNING = """tuning:
@@ -133,6 +135,7 @@ def test_tuning_block_validation():
     assert "lies outside the space" in _error(BASE + TUNING.replace("low: 0.25", "low: 1.5"))  # lr_scale 1.0 = trial 0
     assert "unconditional" in _error(BASE + TUNING.replace("high: 0.2}", "high: 0.2, when: {optim.lr_scale: 1}}"))
     assert "tuning space is empty" in _error(BASE + "tuning: {space: {}}\n")
+    assert "decoding does not deliver" in _error(BASE + TUNING + "  metric: val_bpb_full\n")
 
 
 def test_spec_hash_is_stable_and_ignores_where_it_runs():
