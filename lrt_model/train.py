@@ -314,13 +314,16 @@ _RUN_INDEPENDENT = ("stop_after_steps", "progress", "checkpoint_every", "checkpo
 
 
 _RUN_INDEPENDENT_OPTIM = ("muon",)  # how Muon runs: its state loads into either implementation
+# optim fields added after checkpoints were written, with the value those runs trained with
+_OPTIM_ADDED_LATER = {"lr_scale": 1.0}
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint written by a different run."""
 
     def what_it_computes(config: dict) -> dict:
-        optim = {k: v for k, v in (config.get("optim") or {}).items() if k not in _RUN_INDEPENDENT_OPTIM}
+        optim = {**_OPTIM_ADDED_LATER, **(config.get("optim") or {})}
+        optim = {k: v for k, v in optim.items() if k not in _RUN_INDEPENDENT_OPTIM}
         out = {**{k: v for k, v in config.items() if k not in _RUN_INDEPENDENT}, "optim": optim}
         rec = (config.get("model") or {}).get("recurrence")
         if rec and rec.get("passes_schedule") is None:  # unset = a checkpoint saved before the field existed

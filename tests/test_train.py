@@ -91,6 +91,7 @@ def test_resume_may_switch_the_muon_implementation(tmp_path):
     train(tiny(eval_every=5, optim=OptimConfig(muon="torch"), checkpoint_dir=str(tmp_path), stop_after_steps=10))
     state = ckpt.load(str(tmp_path))
     del state["config"]["optim"]["muon"]  # as written before optim.muon existed
+    del state["config"]["optim"]["lr_scale"]  # ... and before optim.lr_scale (1.0 then) existed
     ckpt.save(state, str(tmp_path))
     resumed = train(tiny(eval_every=5, optim=OptimConfig(muon="batched"), checkpoint_dir=str(tmp_path)))
     assert resumed["steps"] == 20 and resumed["finished"]
@@ -101,6 +102,14 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     train(tiny(checkpoint_dir=str(tmp_path), stop_after_steps=2))
     with pytest.raises(ConfigError, match="different"):
         train(tiny(checkpoint_dir=str(tmp_path), seed=1))
+
+
+def test_resume_refuses_another_lr_scale(tmp_path):
+    from lrt_model.optim import OptimConfig
+
+    train(tiny(checkpoint_dir=str(tmp_path), stop_after_steps=2))
+    with pytest.raises(ConfigError, match="different optim"):
+        train(tiny(checkpoint_dir=str(tmp_path), optim=OptimConfig(lr_scale=0.5)))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
