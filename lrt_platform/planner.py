@@ -66,6 +66,9 @@ from . import storage
 from .spec import FINAL_WEIGHT, ArmSpec, Spec, spec_hash
 
 MAX_MISMATCH = 0.01  # compute-matched arms of a pair may differ by less than this fraction of FLOPs
+# The LRT paper makes its claims at >= 10 training tokens per parameter; below that, halving LRT's tokens to
+# pay for its ~2x compute per token decides a compute-matched comparison more than the method does.
+PAPER_TOKENS_PER_PARAM = 10.0
 
 
 class PlanError(ValueError):
@@ -96,6 +99,7 @@ class Trial:
     tuning: dict | None = None  # grid trials of a tuned spec: how their arm was tuned and its best values
     tuning_trial: bool = False  # a tuning trial (never paired: pair_id None)
     est_wall_s: float | None = None
+    tokens_per_param: float | None = None  # the regime: the paper's claims hold at >= PAPER_TOKENS_PER_PARAM
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -233,7 +237,7 @@ def _trial(spec: Spec, root: str, arm: str, model: ModelConfig, depth: int, valu
         matching=spec.matching, params=count_params(model), tokens=steps * bt, steps=steps, batch_tokens=bt,
         flops=flops, flops_per_token=run_flops_per_token(model, steps),
         config=train_config(spec, root, trial_id, model, optim, seed, steps), search=search,
-        trial_number=trial_number,
+        trial_number=trial_number, tokens_per_param=steps * bt / count_params(model),
     )
 
 
@@ -380,6 +384,7 @@ def plan_summary(trials: list[Trial]) -> dict:
         "flops": sum(t.flops for t in trials),
         "est_wall_s": sum(walls) if walls else None,
         "max_pair_mismatch": worst,
+        "regime_warnings": regime_warnings(trials),
     }
 
 
@@ -460,13 +465,26 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def regime_warnings(trials: list[Trial]) -> list[str]:
+    """One line per budget whose baseline trains below the paper's tokens-per-parameter regime."""
+    below = {}
+    for t in trials:
+        if t.strategy == "baseline" and t.tokens_per_param is not None and t.tokens_per_param < PAPER_TOKENS_PER_PARAM:
+            below.setdefault(t.budget_id, t.tokens_per_param)
+    return [f"warning: budget {b}: the baseline trains on {tpp:.2g} tokens per parameter, below the paper's regime "
+            f"(>= {PAPER_TOKENS_PER_PARAM:g}), where paying for LRT's ~2x compute with half the tokens decides the "
+            "outcome; raise the budget to test the paper's claim" for b, tpp in below.items()]
+
+
 def format_plan(trials: list[Trial], spec: Spec, search_note: str | None = None) -> str:
-    cols = ["trial", "arm", "depth", "budget", "seed", "pair", "params", "tokens", "steps", "FLOPs", "est. wall"]
-    rows = [[t.trial_id, t.arm, str(t.depth), t.budget_id, str(t.seed), t.pair_id, _si(t.params), _si(t.tokens),
-             str(t.steps), _si(t.flops), f"{t.est_wall_s:.0f}s" if t.est_wall_s is not None else "-"] for t in trials]
+    cols = ["trial", "arm", "depth", "budget", "seed", "pair", "params", "tokens", "tok/param", "steps", "FLOPs",
+            "est. wall"]
+    rows = [[t.trial_id, t.arm, str(t.depth), t.budget_id, str(t.seed), t.pair_id or "-", _si(t.params),
+             _si(t.tokens), f"{t.tokens_per_param:.3g}" if t.tokens_per_param is not None else "-", str(t.steps),
+             _si(t.flops), f"{t.est_wall_s:.0f}s" if t.est_wall_s is not None else "-"] for t in trials]
     s = plan_summary(trials)
     wall = f"{s['est_wall_s']:.0f}s" if s["est_wall_s"] is not None else "-"
-    rows.append(["total", "", "", "", "", "", "", _si(s["tokens"]), str(sum(t.steps for t in trials)),
+    rows.append(["total", "", "", "", "", "", "", _si(s["tokens"]), "", str(sum(t.steps for t in trials)),
                  _si(s["flops"]), wall])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -477,6 +495,7 @@ def format_plan(trials: list[Trial], spec: Spec, search_note: str | None = None)
                + (" (tokens-matched: FLOPs differ by design)" if spec.matching == "tokens" else ""))
     if search_note:
         out.append(search_note)
+    out += s["regime_warnings"]
     if spec.resources.gpus_per_worker > 0:
         out.append("note: no wall-time estimate for GPU trials (the throughput probe runs on this machine's CPU)")
     return "\n".join(out)

@@ -55,7 +55,7 @@ from lrt_model.data import DataError
 
 from . import storage
 from .planner import (PlanError, Trial, apply_tuning, check_search_budget, dry_run, format_plan, format_tuning, plan,
-                      tuning_templates)
+                      regime_warnings, tuning_templates)
 from .spec import Spec, SpecError, load_spec, spec_hash
 
 
@@ -115,6 +115,8 @@ def run(args) -> int:
         (len(tuning) * spec.tuning.trials if spec.tuning else 0)
     print(f"[sweep] {spec.experiment} ({h}): {n_planned} trials, {min(slots, n_planned)} at a time, "
           f"{'resuming, ' if args.resume else ''}storage {root}", flush=True)
+    for line in regime_warnings(trials):
+        print(f"[sweep] {line}", flush=True)
     results, unfinished = _run_phases(ctx, trials, phases, slots, args.resume)
     clock["tune"] = time.time()
     failed = [r for r in results if r.error is not None]

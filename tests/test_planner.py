@@ -222,6 +222,23 @@ def test_fidelity_spec_matches_every_arm_within_one_percent():
     assert rec["passes_schedule"] == [[0.0, 2], [0.5, 4], [0.8, 8]] and rec["passes"] == 8
 
 
+def test_plan_states_the_tokens_per_parameter_regime(tmp_path, capsys):
+    """Every trial carries tokens/param; a budget whose baseline is below the paper's 10 is warned about
+    (quickstart: ~0.3), one in the regime (fidelity_cpu: ~10) is not."""
+    quick = planner.dry_run(load_spec(f"{ROOT}/sweep_specs/quickstart.yaml"), probe=False, root="/tmp/x")
+    base = next(t for t in quick["trials"] if t["arm"] == "baseline")
+    assert base["tokens_per_param"] == pytest.approx(base["tokens"] / base["params"])
+    [warning] = quick["summary"]["regime_warnings"]
+    assert "below the paper's regime (>= 10)" in warning and base["budget_id"] in warning
+    fidelity = planner.dry_run(load_spec(f"{ROOT}/sweep_specs/fidelity_cpu.yaml"), probe=False, root="/tmp/x")
+    assert fidelity["summary"]["regime_warnings"] == []
+    assert min(t["tokens_per_param"] for t in fidelity["trials"] if t["arm"] == "baseline") >= 10
+    assert sweep.main([f"{ROOT}/sweep_specs/quickstart.yaml", "--dry-run", "--no-probe",
+                       "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "tok/param" in out and "warning: budget" in out
+
+
 SCHEDULES = [None, [[0.0, 2]], [[0.0, 2], [0.6, 4]], [[0.0, 1], [0.5, 3]]]
 
 
