@@ -14,10 +14,16 @@ Design choices:
   loop is launch-bound (an H100 profile at depth 12: 23 of 75 ms of a step),
   and the library's loop on the CPU, where batching measured 0.75-0.91x at
   depth 4 but 1.14x at depth 12 (`python -m benchmarks.muon`).
-- LR scaling: AdamW learning rates scale with width as (d_model / 768)^-0.5
-  (nanochat); all learning rates scale with the batch as
-  sqrt(batch_tokens / reference_batch_tokens) when a reference is given
-  (None: no batch scaling, the default for the small CPU batches).
+- LR scaling: the embedding and LM-head AdamW learning rates scale with
+  width as (d_model / 768)^-0.5 (nanochat); the scalars' (residual lambdas,
+  gammas, gates) do not: a scalar's Adam step is about its learning rate
+  whatever the width, and at width 128 the width rule made it 1.22, the
+  largest source of seed-to-seed spread measured (`python -m
+  benchmarks.stability`: baseline std 0.039 -> ~0.018 bpb at a scalar
+  learning rate of 0.1, depth 2, 1M tokens). All learning rates scale with
+  the batch as sqrt(batch_tokens / reference_batch_tokens) when a reference
+  is given (None: no batch scaling, the default for the small CPU batches),
+  and with `lr_scale`, the one dial a tuning search moves for every arm.
 - Schedule: linear warm-up, constant, linear warm-down to `final_lr_frac`
   over the last `warmdown_frac` of the steps. Muon momentum warms from 0.85
   to 0.95 over the first 300 steps.
@@ -39,7 +45,7 @@ class OptimConfig:
     matrix_lr: float = 0.02  # Muon
     embedding_lr: float = 0.2  # AdamW, token and value embeddings
     unembedding_lr: float = 0.004  # AdamW, LM head
-    scalar_lr: float = 0.5  # AdamW, residual scalars, gammas, gates
+    scalar_lr: float = 0.1  # AdamW, residual scalars, gammas, gates (not width-scaled)
     weight_decay: float = 0.0  # Muon's decoupled weight decay
     adam_betas: tuple[float, float] = (0.8, 0.95)
     reference_batch_tokens: int | None = None  # sqrt batch scaling against this batch
@@ -134,7 +140,7 @@ def build_optimizers(model: GPT, cfg: OptimConfig, batch_tokens: int) -> list[to
     groups = []
     for params, kind in adam_sets:
         if params:
-            lr = adam_lrs[kind] * width_scale * batch_scale
+            lr = adam_lrs[kind] * (width_scale if kind != "scalar" else 1.0) * batch_scale
             groups.append({"params": params, "lr": lr, "initial_lr": lr, "kind": kind})
     on_cuda = next(model.parameters()).is_cuda  # one fused kernel for all AdamW tensors there
     adamw = torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-10, weight_decay=0.0, fused=on_cuda or None)
