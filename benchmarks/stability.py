@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokens", type=float, default=1e6)
     p.add_argument("--eval-every", type=int, default=0, help="steps; 0 = about 8 evaluations per run")
-    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per evaluation (fixed rows, the same for every seed)")
     p.add_argument("--corpus", default="stdlib")
     for name in OPTIM_FLAGS:
         kind = int if name == "reference_batch_tokens" else float

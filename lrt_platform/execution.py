@@ -406,14 +406,20 @@ class TuningSpace:
         return {OPTUNA_NUMBER: trial.number, TUNE_BASE: self.template_id}
 
 
+def make_sampler(kind: str, seed: int):
+    """The seeded Optuna sampler a search or a tuning phase names: "tpe" or "random"."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed) if kind == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+
+
 def make_searcher(ctx: SweepContext, max_concurrent: int):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     s = ctx.spec.search
-    sampler = optuna.samplers.TPESampler(seed=s.seed) if s.sampler == "tpe" else \
-        optuna.samplers.RandomSampler(seed=s.seed)
+    sampler = make_sampler(s.sampler, s.seed)
     url = study_url(ctx)
     metric, mode = ([s.metric, "flops"], [s.mode, "min"]) if s.multi_objective else (s.metric, s.mode)
     points = [{k: encode_choice(v) for k, v in default_point(ctx.spec).items()}] if s.enqueue_defaults else None
@@ -430,8 +436,7 @@ def make_tuning_searcher(ctx: SweepContext, phase: str, template_id: str, max_co
     from ray.tune.search.optuna import OptunaSearch
 
     t = ctx.spec.tuning
-    sampler = optuna.samplers.TPESampler(seed=t.seed) if t.sampler == "tpe" else \
-        optuna.samplers.RandomSampler(seed=t.seed)
+    sampler = make_sampler(t.sampler, t.seed)
     url = storage.optuna_url(ctx.root, ctx.spec.experiment, ctx.spec_hash)
     first = {k: encode_choice(v) for k, v in tuning_default_point(ctx.spec).items()}
     searcher = OptunaSearch(space=TuningSpace(ctx.spec, template_id), metric=t.metric, mode="min",
