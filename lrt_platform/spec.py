@@ -42,7 +42,7 @@ import typing
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lrt_model.config import INJECTIONS, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, ConfigError, ModelConfig, RecurrenceConfig
 from lrt_model.optim import OptimConfig
@@ -309,13 +309,16 @@ def decoding_view_metric(metric: str) -> str:
     return metric
 
 
+DecodingMetric = typing.Annotated[str, AfterValidator(decoding_view_metric)]
+
+
 class SearchSpec(_Strict):
     arm: str | None = None  # the LRT arm whose fields are searched; default the only LRT arm
     space: dict[str, Dist]
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     num_trials: PosInt = 8
-    metric: str = "val_bpb"
+    metric: DecodingMetric = "val_bpb"
     mode: Literal["min", "max"] = "min"
     asha: AshaSpec = AshaSpec()
     multi_objective: bool = False  # optimise (metric, flops) jointly
@@ -336,11 +339,6 @@ class SearchSpec(_Strict):
                     raise ValueError(f"{key}.when names {dep!r}, which is not a searchable field")
         return v
 
-    @field_validator("metric")
-    @classmethod
-    def _decoding_view(cls, v: str) -> str:
-        return decoding_view_metric(v)
-
     @model_validator(mode="after")
     def _compatible(self) -> "SearchSpec":
         if self.asha.enabled and self.multi_objective:
@@ -356,7 +354,7 @@ class TuningSpec(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0  # the sampler's seed, the same for every arm
     train_seed: int = 1000  # the training seed of every tuning trial; not one of the spec's seeds
-    metric: str = "val_bpb"  # minimised: train()'s headline view (sequential for LRT arms, full for the baseline)
+    metric: DecodingMetric = "val_bpb"  # minimised: train()'s headline view (sequential for LRT arms, full for the baseline)
 
     @field_validator("space")
     @classmethod
@@ -372,11 +370,6 @@ class TuningSpec(_Strict):
             if dist.when:
                 raise ValueError(f"{key}.when: tuning dimensions are unconditional; remove `when`")
         return v
-
-    @field_validator("metric")
-    @classmethod
-    def _decoding_view(cls, v: str) -> str:
-        return decoding_view_metric(v)
 
     @field_validator("trials")
     @classmethod
