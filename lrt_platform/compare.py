@@ -547,8 +547,18 @@ def _comparison(budget: str, arm: str, base_arm: str | None, pairs: list[dict], 
         "icl": {k: {"baseline": (base or {}).get("icl", {}).get(k, {}).get("mean"),
                     "lrt": lrt["icl"].get(k, {}).get("mean"),
                     "delta": paired([p["icl"][k] for p in pairs if k in p["icl"]])} for k in icl_keys},
-        "pairs": pairs, "compute_multiplier": None,
+        "pairs": pairs, "compute_multiplier": None, "regime": regime((base or {}).get("tokens_per_param")),
     }
+
+
+def regime(baseline_tokens_per_param: float | None) -> dict:
+    """Whether the baseline trained in the paper's regime (>= 10 tokens per parameter), where the paper makes
+    its claim; below it, LRT paying for its ~2x compute with half the tokens decides a compute-matched delta."""
+    from .planner import PAPER_TOKENS_PER_PARAM  # the planner owns budgets; imported late (it loads torch)
+
+    tpp = baseline_tokens_per_param
+    return {"baseline_tokens_per_param": tpp, "paper_tokens_per_param": PAPER_TOKENS_PER_PARAM,
+            "in_paper_regime": None if tpp is None else tpp >= PAPER_TOKENS_PER_PARAM}
 
 
 def tuning_summary(base: list[dict] | None, lrt: list[dict], n_search: int) -> dict:
@@ -834,6 +844,12 @@ def _notes(report: dict) -> list[str]:
                          + (f"; {fit['note']}" if fit.get("note") else ""))
     for c in report["comparisons"]:
         lines.append(_tuning_line(c))
+        r = c.get("regime") or {}
+        if r.get("in_paper_regime") is False:
+            lines.append(f"WARNING regime {c['budget_id']}/{c['arm']}: the baseline trained on "
+                         f"{r['baseline_tokens_per_param']:.2g} tokens per parameter, below the paper's "
+                         f"{r['paper_tokens_per_param']:g}; there paying for LRT's ~2x compute with half the tokens "
+                         "decides a compute-matched delta more than the method does")
     for c in report["comparisons"]:
         m = c["compute_multiplier"] or {}
         if m.get("note") or m.get("method") == "log_linear":

@@ -402,6 +402,10 @@ def test_verdict_power_and_tuning_per_comparison():
     keys = {"verdict", "mde", "mde_relative", "seeds_needed", "effect", "effect_relative", "tuning"}
     assert all(keys <= set(x) for x in json.loads(cmp.format_report(report, "json"))["comparisons"])
     assert "seeds for 2%" in cmp.format_report(_report(runs))  # the default effect
+    assert c["better"]["regime"]["in_paper_regime"] and "WARNING regime" not in table  # 167 tokens/param
+    low = _report([dict(r, metrics={**r["metrics"], "params": 1e8}) for r in runs])  # 1.67 tokens/param
+    assert not low["comparisons"][0]["regime"]["in_paper_regime"]
+    assert "WARNING regime b0/better: the baseline trained on 1.7 tokens per parameter" in cmp.format_report(low)
 
 
 def test_search_sweep_tuning_is_unequal():
