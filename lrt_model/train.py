@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -314,21 +315,23 @@ _RUN_INDEPENDENT = ("stop_after_steps", "progress", "checkpoint_every", "checkpo
 
 
 _RUN_INDEPENDENT_OPTIM = ("muon",)  # how Muon runs: its state loads into either implementation
-# optim fields added after checkpoints were written, with the value those runs trained with
-_OPTIM_ADDED_LATER = {"lr_scale": 1.0}
+# fields added after checkpoints were written, with the value those runs trained with
+_ADDED_LATER = {("optim", "lr_scale"): 1.0, ("model", "recurrence", "passes_schedule"): None}
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint written by a different run."""
 
     def what_it_computes(config: dict) -> dict:
-        optim = {**_OPTIM_ADDED_LATER, **(config.get("optim") or {})}
-        optim = {k: v for k, v in optim.items() if k not in _RUN_INDEPENDENT_OPTIM}
-        out = {**{k: v for k, v in config.items() if k not in _RUN_INDEPENDENT}, "optim": optim}
-        rec = (config.get("model") or {}).get("recurrence")
-        if rec and rec.get("passes_schedule") is None:  # unset = a checkpoint saved before the field existed
-            out["model"] = {**config["model"], "recurrence": {k: v for k, v in rec.items() if k != "passes_schedule"}}
-        return out
+        config = copy.deepcopy(config)
+        for path, value in _ADDED_LATER.items():
+            parent = config
+            for key in path[:-1]:
+                parent = parent.get(key) if isinstance(parent, dict) else None
+            if isinstance(parent, dict):  # a baseline has no recurrence to fill in
+                parent.setdefault(path[-1], value)
+        optim = {k: v for k, v in (config.get("optim") or {}).items() if k not in _RUN_INDEPENDENT_OPTIM}
+        return {**{k: v for k, v in config.items() if k not in _RUN_INDEPENDENT}, "optim": optim}
 
     saved, now = what_it_computes(saved), what_it_computes(cfg.to_dict())
     diff = [k for k in now if saved.get(k) != now[k]]

@@ -104,6 +104,18 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
         train(tiny(checkpoint_dir=str(tmp_path), seed=1))
 
 
+def test_resume_accepts_a_checkpoint_from_before_passes_schedule(tmp_path):
+    rec = RecurrenceConfig(strategy="interleaved", passes=2)
+    train(tiny(rec, checkpoint_dir=str(tmp_path), stop_after_steps=10))
+    state = ckpt.load(str(tmp_path))
+    del state["config"]["model"]["recurrence"]["passes_schedule"]  # as written before the field existed
+    ckpt.save(state, str(tmp_path))
+    assert train(tiny(rec, checkpoint_dir=str(tmp_path)))["steps"] == 20
+    sched = RecurrenceConfig(strategy="interleaved", passes=4, passes_schedule=[[0.0, 2], [0.5, 4]])
+    with pytest.raises(ConfigError, match="different model"):  # a schedule is a different run
+        train(tiny(sched, checkpoint_dir=str(tmp_path)))
+
+
 def test_resume_refuses_another_lr_scale(tmp_path):
     from lrt_model.optim import OptimConfig
 
