@@ -63,12 +63,10 @@ from lrt_model.optim import OptimConfig
 from lrt_model.train import TrainConfig
 
 from . import storage
+from .compare import PAPER_TOKENS_PER_PARAM
 from .spec import FINAL_WEIGHT, ArmSpec, Spec, spec_hash
 
 MAX_MISMATCH = 0.01  # compute-matched arms of a pair may differ by less than this fraction of FLOPs
-# The LRT paper makes its claims at >= 10 training tokens per parameter; below that, halving LRT's tokens to
-# pay for its ~2x compute per token decides a compute-matched comparison more than the method does.
-PAPER_TOKENS_PER_PARAM = 10.0
 
 
 class PlanError(ValueError):
@@ -325,7 +323,7 @@ def plan_tuning_trial(spec: Spec, template: Trial, params: dict, index: int, roo
 def apply_tuning(spec: Spec, trial: Trial, best: dict, best_value: float) -> Trial:
     """A grid trial running its arm's best tuning values; trial id, pair and steps unchanged."""
     t = spec.tuning
-    optim = {**trial.config["optim"], **{k.split(".", 1)[1]: v for k, v in best.items()}}
+    optim = dataclasses.asdict(tuned_optim(spec, best))  # the grid trial's optim is the spec's, as here
     info = {"sampler": t.sampler, "trials": t.trials, "space": list(t.space), "seed": t.seed,
             "train_seed": t.train_seed, "best": dict(best), "best_value": best_value}
     return dataclasses.replace(trial, config={**trial.config, "optim": optim}, tuning=info)

@@ -57,6 +57,10 @@ UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_tri
             "optim": {"muon"}}
 # fields added after sweeps were already running: left out of the hash while unset (None), so a running
 # sweep keeps its hash (and its storage) and only a spec that sets them gets a new one; "*" = every list item
+# Bump when a trainer default or rule changes what an unchanged spec computes, so a sweep started under the
+# old defaults gets a new folder instead of being resumed (and mixed) with runs under the new ones.
+# 2: the scalars' AdamW learning rate, 0.5 * (width / 768)^-0.5 -> 0.1 without width scaling.
+DEFAULTS_VERSION = 2
 HASHED_ONLY_WHEN_SET = (("optim", "lr_scale"), ("tuning",), ("arms", "*", "passes_schedule"))
 
 
@@ -668,5 +672,6 @@ def spec_hash(spec: Spec) -> str:
     data = spec.model_dump(mode="json", exclude=UNHASHED)
     for path in HASHED_ONLY_WHEN_SET:
         _drop_unset(data, path)
+    data["defaults_version"] = DEFAULTS_VERSION
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -151,11 +151,21 @@ def test_spec_hash_is_stable_and_ignores_where_it_runs():
 def test_existing_sweeps_keep_their_hash():
     """The hash names a sweep's storage, so `--resume` of a running sweep depends on it:
     a new spec field must leave it unchanged unless the field is set (add it to UNHASHED
-    or exclude its default), or every running sweep restarts from nothing."""
+    or exclude its default), or every running sweep restarts from nothing. The one deliberate
+    exception is a change of the trainer's defaults (`DEFAULTS_VERSION`): an unchanged spec then
+    computes something else, and resuming would mix runs under old and new defaults."""
     from pathlib import Path
 
+    from lrt_platform import spec as spec_module
+
     spec = load_spec(str(Path(__file__).resolve().parents[1] / "sweep_specs" / "quickstart.yaml"))
-    assert spec_hash(spec) == "022b64ca79c2"
+    assert spec_hash(spec) == "c5495d8dca5e"  # DEFAULTS_VERSION 2 (was 022b64ca79c2 under version 1)
+    old = spec_module.DEFAULTS_VERSION
+    try:
+        spec_module.DEFAULTS_VERSION = old + 1
+        assert spec_hash(spec) != "c5495d8dca5e"  # new defaults: a new sweep folder
+    finally:
+        spec_module.DEFAULTS_VERSION = old
     assert spec_hash(parse_spec(BASE + TUNING)) != spec_hash(parse_spec(BASE))  # a tuned spec is a new sweep
 
 
