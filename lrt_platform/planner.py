@@ -463,6 +463,13 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _aligned(cols: list[str], rows: list[list[str]]):
+    """(line renderer, rule line) for a text table whose columns are as wide as their widest cell."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    return (lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()), \
+        "  ".join("-" * w for w in widths)
+
+
 def regime_warnings(trials: list[Trial]) -> list[str]:
     """One line per budget whose baseline trains below the paper's tokens-per-parameter regime."""
     below = {}
@@ -484,11 +491,9 @@ def format_plan(trials: list[Trial], spec: Spec, search_note: str | None = None)
     wall = f"{s['est_wall_s']:.0f}s" if s["est_wall_s"] is not None else "-"
     rows.append(["total", "", "", "", "", "", "", _si(s["tokens"]), "", str(sum(t.steps for t in trials)),
                  _si(s["flops"]), wall])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    line, rule = _aligned(cols, rows)
     out = [f"plan for {spec.experiment} ({spec_hash(spec)}): {len(trials)} trials, {spec.matching}-matched",
-           line(cols), line(["-" * w for w in widths]), *map(line, rows[:-1]), line(["-" * w for w in widths]),
-           line(rows[-1])]
+           line(cols), rule, *map(line, rows[:-1]), rule, line(rows[-1])]
     out.append(f"max FLOPs mismatch within a pair: {s['max_pair_mismatch']:.3%}"
                + (" (tokens-matched: FLOPs differ by design)" if spec.matching == "tokens" else ""))
     if search_note:
@@ -527,13 +532,12 @@ def format_tuning(tuning: dict) -> str:
     cols = ["phase", "arm", "budget", "trials", "steps/trial", "FLOPs/trial", "est. wall"]
     rows = [[p["phase"], p["arm"], p["budget_id"], str(p["trials"]), str(p["steps"]), _si(p["flops_per_trial"]),
              f"{p['est_wall_s']:.0f}s" if p["est_wall_s"] is not None else "-"] for p in tuning["phases"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    line, rule = _aligned(cols, rows)
     return "\n".join([
         f"tuning: {tuning['trials_per_arm']} trials per arm and budget ({tuning['trials']} in all; trial 0 = the "
         f"spec's own settings), {tuning['sampler']} sampler seed {tuning['seed']}, training seed "
         f"{tuning['train_seed']}, minimising {tuning['metric']}; space: {dims}",
-        line(cols), line(["-" * w for w in widths]), *map(line, rows),
+        line(cols), rule, *map(line, rows),
         "then the grid below runs every arm with its best setting and the spec's seeds"])
 
 
