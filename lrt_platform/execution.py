@@ -52,8 +52,12 @@ Design choices:
   its config) at that arm's grid steps. `best_tuning` reads an arm's best
   values back from the phase's results (so a finished phase, restored on
   --resume, gives the same best without training again).
-- Tracking is best effort inside trials: a tracking error is printed, never
-  allowed to kill hours of training. `LRT_FAULT_INJECT="<trial_id part>:<marker
+- Tracking inside trials goes through the trial's outbox (`outbox.py`): each
+  record is journaled next to the checkpoint, then sent; a tracking outage is
+  printed, never allowed to kill hours of training or lose a metric. The
+  journal is opened afresh by whichever process writes (the Tune function,
+  then the multi-worker path's rank 0, then the Tune function again to end the
+  run). `LRT_FAULT_INJECT="<trial_id part>:<marker
   file>"` (read by the driver) makes a matching trial crash once right after
   its first checkpoint: the resume and retry tests use it.
 
@@ -171,6 +175,16 @@ def make_tracker(uri: str | None, experiment: str):
     return Tracker(uri, experiment)
 
 
+def open_outbox(ctx: SweepContext, trial: Trial):
+    """The trial's tracking outbox (journal next to its checkpoint), or None when the sweep is untracked.
+    Opened afresh by each process that writes to it: they take turns, never overlap."""
+    if not ctx.parent_run_id:
+        return None
+    from .outbox import TrialOutbox
+
+    return TrialOutbox.open(ctx.root, trial.to_dict(), ctx.tracking_uri, ctx.experiment, ctx.parent_run_id)
+
+
 def safe(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -205,16 +219,16 @@ def _start_attempt(ctx: SweepContext, trial_id: str) -> dict:
 class Reporter:
     """train()'s callback in the fast path: tracker + Tune reports + progress file + fault injection."""
 
-    def __init__(self, ctx: SweepContext, trial: Trial, tracker, run_id: str | None, prog: dict):
-        self.ctx, self.trial, self.tracker, self.run_id, self.prog = ctx, trial, tracker, run_id, prog
+    def __init__(self, ctx: SweepContext, trial: Trial, outbox, prog: dict):
+        self.ctx, self.trial, self.outbox, self.prog = ctx, trial, outbox, prog
         self.ident = {"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id,
                       "attempt": len(prog["attempts"])}
         self.last: dict = {}
         self.final: dict | None = None
 
     def __call__(self, event: dict) -> None:
-        if self.run_id:
-            safe("log_event", self.tracker.log_event, self.run_id, event)
+        if self.outbox:
+            self.outbox.log_event(event)
         kind = event["event"]
         if kind == "eval":
             self.last = {**scalars(event), **self.ident}
@@ -261,38 +275,42 @@ def trial_fn(config: dict, ctx: SweepContext) -> None:
     """One Tune trial: plan (search trials), track, train (in-process or through a TorchTrainer), report.
     Returns nothing: Tune would report a returned dict once more."""
     trial = _resolve_trial(config, ctx)
-    tracker = make_tracker(ctx.tracking_uri, ctx.experiment)
-    run_id = safe("start_trial", tracker.start_trial, ctx.parent_run_id, trial.to_dict()) if ctx.parent_run_id else None
+    outbox = open_outbox(ctx, trial)
+    if outbox:
+        outbox.start()
     try:
         if ctx.spec.resources.workers_per_trial == 1:
-            _run_in_process(trial, ctx, tracker, run_id)
+            _run_in_process(trial, ctx, outbox)
         else:
-            _run_train_workers(trial, ctx, run_id)
+            _run_train_workers(trial, ctx)
     except SystemExit:  # Tune stops a trial by raising SystemExit(0) in tune.report (e.g. ASHA)
-        if run_id:
-            safe("end_trial", tracker.end_trial, run_id, "KILLED", "stopped by Tune (a scheduler decision or Ctrl-C)")
+        _end(ctx, trial, "KILLED", "stopped by Tune (a scheduler decision or Ctrl-C)")
         raise
     except BaseException as e:
-        if run_id:
-            safe("end_trial", tracker.end_trial, run_id, "FAILED", f"{type(e).__name__}: {e}"[:500])
+        _end(ctx, trial, "FAILED", f"{type(e).__name__}: {e}"[:500])
         raise
-    if run_id:
-        safe("end_trial", tracker.end_trial, run_id, "FINISHED")
+    _end(ctx, trial, "FINISHED")
 
 
-def _run_in_process(trial: Trial, ctx: SweepContext, tracker, run_id: str | None) -> None:
+def _end(ctx: SweepContext, trial: Trial, status: str, reason: str | None = None) -> None:
+    outbox = open_outbox(ctx, trial)  # re-read: the multi-worker path's rank 0 wrote to the journal meanwhile
+    if outbox:
+        outbox.end(status, reason)
+
+
+def _run_in_process(trial: Trial, ctx: SweepContext, outbox) -> None:
     import torch
 
     from lrt_model.train import TrainConfig, train
 
     torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_worker)))
     prog = _start_attempt(ctx, trial.trial_id)
-    reporter = Reporter(ctx, trial, tracker, run_id, prog)
+    reporter = Reporter(ctx, trial, outbox, prog)
     train(TrainConfig.from_dict(trial.config), reporter)
     tune.report({**reporter.final, "resumed_from_step": prog["attempts"][-1]["resumed_from_step"] or 0})
 
 
-def _run_train_workers(trial: Trial, ctx: SweepContext, run_id: str | None) -> None:
+def _run_train_workers(trial: Trial, ctx: SweepContext) -> None:
     """A TorchTrainer whose workers run `worker_loop`; their reports reach Tune via TuneReportCallback."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -305,8 +323,7 @@ def _run_train_workers(trial: Trial, ctx: SweepContext, run_id: str | None) -> N
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"trial": trial.to_dict(), "ctx": ctx, "run_id": run_id,
-                           "attempt": len(prog["attempts"])},
+        train_loop_config={"trial": trial.to_dict(), "ctx": ctx, "attempt": len(prog["attempts"])},
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -328,14 +345,14 @@ def worker_loop(config: dict) -> None:
     trial = Trial(**config["trial"])
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_worker)))
-    tracker = make_tracker(ctx.tracking_uri, ctx.experiment) if rank == 0 else None
+    outbox = open_outbox(ctx, trial) if rank == 0 else None
     ident = {"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id, "attempt": config["attempt"]}
     last: dict = {}
 
     def callback(event: dict) -> None:
         nonlocal last
-        if rank == 0 and config["run_id"]:
-            safe("log_event", tracker.log_event, config["run_id"], event)
+        if outbox:
+            outbox.log_event(event)
         if event["event"] == "eval":
             last = {**scalars(event), **ident}
             ray.train.report(last)

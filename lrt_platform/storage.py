@@ -12,6 +12,8 @@ Design choices:
         tune/ or tune-grid/, tune-search/   Ray Tune experiment state (Tuner.restore reads it)
         trials/<trial_id>/ckpt/latest.pt    the trainer's own checkpoint (train() resumes from it)
         trials/<trial_id>/progress.json     attempts and last checkpoint step (cheap to read)
+        trials/<trial_id>/tracking.json     the trial's tracking journal (outbox.py)
+        sweep_tracking.json                 the sweep run's end, while an outage keeps trial records
         train/                              Ray Train run state for multi-worker trials
         optuna.db                           Optuna study (local storage only)
 - Small JSON files are written whole (local: temp file + rename) so a crash
@@ -101,3 +103,22 @@ def optuna_url(root: str, experiment: str, spec_hash: str) -> str:
     local = root if not is_uri(root) else sweep_root("./runs", experiment, spec_hash)
     os.makedirs(local, exist_ok=True)
     return f"sqlite:///{local}/optuna.db"
+
+
+def list_files(uri: str, name: str) -> list[str]:
+    """`<uri>/<child>/<name>` for every direct child folder of uri that holds a file called name."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    found = []
+    for child in sorted(c.path for c in children if c.type == pafs.FileType.Directory):
+        if fs.get_file_info(f"{child}/{name}").type == pafs.FileType.File:
+            found.append(join(uri, child.rsplit("/", 1)[-1], name))
+    return found
+
+
+def remove_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)

@@ -57,6 +57,9 @@ from . import storage
 from .planner import (PlanError, Trial, apply_tuning, check_search_budget, dry_run, format_plan, format_tuning, plan,
                       regime_warnings, tuning_templates)
 from .spec import Spec, SpecError, load_spec, spec_hash
+from .tracking import Tracker, TrackingError
+
+SWEEP_PENDING = "sweep_tracking.json"  # the sweep run's end, kept while trial records wait for MLflow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster: auto | ray://host:10001 (default: a local Ray)")
     p.add_argument("--storage", default=None, help="override the spec's storage (local path or s3:// URI)")
     p.add_argument("--tracking-uri", default=None, help="override the spec's MLflow tracking URI")
+    p.add_argument("--sync-tracking", action="store_true",
+                   help="send the tracking records that an MLflow outage left next to the trials' checkpoints, "
+                        "then close the sweep run; trains nothing")
     return p
 
 
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (SpecError, PlanError, ConfigError, DataError) as e:
+    except (SpecError, PlanError, ConfigError, DataError, TrackingError) as e:
         msg = str(e)
         print(f"error: {msg if msg.startswith(args.spec) else f'{args.spec}: {msg}'}", file=sys.stderr)
         return 2
@@ -103,8 +109,13 @@ def run(args) -> int:
         check_search_budget(spec)  # a budget the searched configs cannot match fails here, not in a trial
     if args.dry_run:
         return _print_dry_run(spec, root, args)
+    if args.sync_tracking:
+        return sync_tracking(spec, root, args.spec)
     tuning = [name for name, _ in tuning_templates(spec, trials)] if spec.tuning is not None else []
     phases = tuning + ["grid"] + (["search"] if spec.search is not None else [])
+    # a dead tracking server is one line now (before --overwrite deletes anything), not minutes of HTTP
+    # retries followed by untracked trials
+    Tracker(_tracking_uri(spec.tracking.uri), spec.experiment_name).check_reachable()
     _check_existing(spec, root, phases, args)
     from .execution import safe  # Ray is imported only once a sweep really runs: dry runs and errors stay fast
 
@@ -121,9 +132,11 @@ def run(args) -> int:
     clock["tune"] = time.time()
     failed = [r for r in results if r.error is not None]
     status = "KILLED" if unfinished else "FAILED" if failed else "FINISHED"
-    if ctx.parent_run_id:
+    delivered = _deliver(ctx, tracker, status, args.spec)
+    if delivered and ctx.parent_run_id:
         safe("end_sweep", tracker.end_sweep, ctx.parent_run_id, status)
-    _report(spec, ctx.tracking_uri, tracker, ctx.parent_run_id, results, clock, slots if not unfinished else 0)
+    _report(spec, ctx.tracking_uri, tracker, ctx.parent_run_id, results, clock, slots if not unfinished else 0,
+            delivered)
     again = f"python -m lrt_platform.sweep {args.spec} --resume"
     if unfinished:
         print(f"[sweep] interrupted with {unfinished} trial(s) unfinished; continue with: {again}", file=sys.stderr)
@@ -162,6 +175,45 @@ def _start_tracking(spec: Spec, spec_path: str, text: str, h: str, root: str, tr
     ctx = SweepContext(spec=spec, spec_hash=h, root=root, trials={t.trial_id: t.to_dict() for t in trials},
                        tracking_uri=uri, experiment=spec.experiment_name, parent_run_id=parent)
     return ctx, tracker
+
+
+def _deliver(ctx, tracker, status: str, spec_path: str, deadline_s: float = 60.0) -> bool:
+    """Send what the trials could not (a tracking outage); True when MLflow has everything. Otherwise the
+    sweep run's end is kept for `--sync-tracking` and the user is told how to send the rest."""
+    if not ctx.parent_run_id:
+        return True
+    from .outbox import flush_sweep
+
+    left = flush_sweep(ctx.root, deadline_s, tracker=tracker)
+    if not left["pending"]:
+        return True
+    storage.write_json(storage.join(ctx.root, SWEEP_PENDING), {"parent_run_id": ctx.parent_run_id, "status": status})
+    print(f"[sweep] MLflow at {ctx.tracking_uri} is unreachable: {left['pending']} tracking record(s) of "
+          f"{len(left['left'])} trial(s) are kept next to their checkpoints (nothing is lost); when it is back, "
+          f"send them with: python -m lrt_platform.sweep {spec_path} --sync-tracking", file=sys.stderr, flush=True)
+    return False
+
+
+def sync_tracking(spec: Spec, root: str, spec_path: str) -> int:
+    """--sync-tracking: deliver every trial journal of this spec's sweep, then close its sweep run and log
+    the comparison there. 0 when MLflow has everything, 1 when records are still left."""
+    from .outbox import flush_sweep
+
+    uri = _tracking_uri(spec.tracking.uri)
+    tracker = Tracker(uri, spec.experiment_name)
+    tracker.check_reachable()
+    left = flush_sweep(root, deadline_s=float("inf"), tracker=tracker)
+    pending = storage.read_json(storage.join(root, SWEEP_PENDING))
+    if left["pending"]:
+        print(f"[sweep] {left['pending']} tracking record(s) of {', '.join(left['left'])} could not be sent to {uri}; "
+              "run --sync-tracking again", file=sys.stderr)
+        return 1
+    print(f"[sweep] MLflow at {uri} has every tracking record of the {left['trials']} trial(s) under {root}")
+    if pending:
+        tracker.end_sweep(pending["parent_run_id"], pending["status"])
+        _log_comparison(spec, uri, tracker, pending["parent_run_id"])
+        storage.remove_file(storage.join(root, SWEEP_PENDING))
+    return 0
 
 
 def _print_dry_run(spec: Spec, root: str, args) -> int:
@@ -217,10 +269,8 @@ def _prepare_data(spec: Spec) -> None:
 
 
 def _tracking_uri(uri: str | None) -> str:
-    try:
-        from .tracking import resolve_tracking_uri
-    except ImportError:
-        return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    from .tracking import resolve_tracking_uri
+
     return resolve_tracking_uri(uri)
 
 
@@ -311,7 +361,26 @@ def overhead(results: list, clock: dict, slots: int) -> dict:
             "per_trial_s": per_trial, "parts": parts}
 
 
-def _report(spec: Spec, uri: str, tracker, parent: str | None, results: list, clock: dict, slots: int) -> None:
+def _report(spec: Spec, uri: str, tracker, parent: str | None, results: list, clock: dict, slots: int,
+            delivered: bool = True) -> None:
+    if delivered:
+        _log_comparison(spec, uri, tracker, parent)
+        _print_ui_hint(uri, tracker)
+    else:  # a comparison read from a store that lacks records would look complete and be wrong
+        print("[sweep] comparison unavailable until the tracking records are sent (--sync-tracking logs it)",
+              file=sys.stderr)
+    clock["end"] = time.time()
+    o = overhead(results, clock, max(slots, 1))
+    if o["trials"] and slots:  # slots == 0: interrupted, no meaningful figure
+        names = {"ray": "ray start", "data": "data prep", "tracking": "tracking", "tune": "trials", "end": "report"}
+        parts = ", ".join(f"{names[k]} {v:.1f}" for k, v in o["parts"].items())
+        print(f"orchestration overhead: {o['per_trial_s']:.1f} s/trial ((wall {o['wall_s']:.1f} s - data prep "
+              f"{o['data_s']:.1f} s) x {o['slots']} trial slot(s) - {o['train_s']:.1f} s of trial training wall_s, "
+              f"over {o['trials']} trials; wall = {parts} s)", flush=True)
+
+
+def _log_comparison(spec: Spec, uri: str, tracker, parent: str | None) -> None:
+    """Print the comparison and log it to the sweep run; best effort: the sweep's results are stored."""
     try:
         from .compare import compare, format_report, to_json
 
@@ -325,15 +394,6 @@ def _report(spec: Spec, uri: str, tracker, parent: str | None, results: list, cl
             print(f"[sweep] warning: comparison not logged to the sweep run: {e}".splitlines()[0], file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - the sweep's results are stored; a report problem must not hide that
         print(f"[sweep] comparison unavailable: {e}", file=sys.stderr)
-    _print_ui_hint(uri, tracker)
-    clock["end"] = time.time()
-    o = overhead(results, clock, max(slots, 1))
-    if o["trials"] and slots:  # slots == 0: interrupted, no meaningful figure
-        names = {"ray": "ray start", "data": "data prep", "tracking": "tracking", "tune": "trials", "end": "report"}
-        parts = ", ".join(f"{names[k]} {v:.1f}" for k, v in o["parts"].items())
-        print(f"orchestration overhead: {o['per_trial_s']:.1f} s/trial ((wall {o['wall_s']:.1f} s - data prep "
-              f"{o['data_s']:.1f} s) x {o['slots']} trial slot(s) - {o['train_s']:.1f} s of trial training wall_s, "
-              f"over {o['trials']} trials; wall = {parts} s)", flush=True)
 
 
 def _print_ui_hint(uri: str, tracker) -> None:

@@ -29,8 +29,12 @@ Design choices:
 - Events: eval -> every finite number in it (NaN train loss before the first
   step is skipped), position buckets as `val_bpb_pos_<bucket>`, any `icl_*`
   key as is; done -> the final metrics at step = tokens (so `search_runs`
-  shows them; the last eval point thus appears twice in a history, same step
-  and value); checkpoint -> tags with the last checkpoint's step and path.
+  shows them; trials send events through their outbox, which drops the ones
+  that repeat the last evaluation's step); checkpoint -> tags with the last
+  checkpoint's step and path (`event_records`).
+- A tracking server's HTTP calls fail within seconds (`HTTP_DEFAULTS`), not
+  after MLflow's 4 minutes of retries: the trials' outbox keeps what a call
+  could not send, and `check_reachable` stops a sweep at start.
 - Trial dicts may carry `search` ({name: sampled value}: logged as params
   `search.<name>`, tag search=true) and `trial_number` (tag; the order of a
   search's history). Other scalar trial keys become `trial.<key>` params.
@@ -97,6 +101,12 @@ MAX_TAG_VALUE = 8000
 _TRANSIENT = ("database is locked", "database table is locked", "database is busy", "sqlite_busy",
               "connection refused", "connection reset", "connection aborted", "remote end closed",
               "temporarily unavailable")
+
+
+# MLflow's HTTP client retries a dead server for about 4 minutes per call by default. The trials' outbox
+# keeps whatever a call could not send, so calls fail within seconds instead (the user's settings win).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class TrackingError(RuntimeError):
@@ -210,6 +220,20 @@ def event_metrics(event: dict) -> dict[str, float]:
     return out
 
 
+def event_records(event: dict) -> tuple[list[tuple[str, float, int]], dict[str, str]]:
+    """A trainer event as MLflow points (key, value, step) and tags. eval/done: every finite number at
+    step = tokens seen (done also tags `finished`); checkpoint: `checkpoint_step` and tags naming it."""
+    kind = event.get("event")
+    if kind == "checkpoint":
+        step = int(event.get("step", 0))
+        return [("checkpoint_step", float(step), step)], {
+            "last_checkpoint_step": str(step), "last_checkpoint_path": str(event.get("path", "")),
+            "checkpoint_dir": str(event.get("checkpoint_dir", ""))}
+    step = int(event.get("tokens", event.get("step", 0)) or 0)
+    tags = {"finished": str(bool(event.get("finished", True))).lower()} if kind == "done" else {}
+    return [(k, v, step) for k, v in event_metrics(event).items()], tags
+
+
 @contextlib.contextmanager
 def _file_lock(path: str):
     """An exclusive advisory lock across processes on this machine (a no-op where fcntl is missing)."""
@@ -309,6 +333,8 @@ class Tracker:
         # MLflow prints two "View run" lines per finished run against a server; a sweep prints the
         # runs-table URL once instead. Set the variable to false to get them back.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        for k, v in HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment = experiment
         self.attempts = attempts
@@ -339,6 +365,24 @@ class Tracker:
     def _retry(self, what: str, fn: Callable) -> Any:
         where = f"tracking URI {self.tracking_uri}, experiment {self.experiment!r}"
         return retry(what, fn, where=where, attempts=self.attempts, base_delay=self.base_delay)
+
+    def check_reachable(self, timeout_s: float = 10.0) -> None:
+        """A tracking server (http/https URI) must answer /health within timeout_s: TrackingError otherwise,
+        in one line, so a sweep stops before anything starts instead of training untracked."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        import requests
+
+        try:
+            r = requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+            reason = None if r.status_code == 200 else f"/health answered HTTP {r.status_code}"
+        except requests.RequestException as e:
+            text = str(e).lower()
+            reason = next((s for s in ("connection refused", "name or service not known", "timed out")
+                           if s in text), type(e).__name__)
+        if reason:
+            raise TrackingError(f"tracking server {self.tracking_uri} is unreachable ({reason}); start it, or point "
+                                "tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI at a running one")
 
     def ui_url(self) -> str | None:
         """The runs table of this experiment (the UI opens experiments on another page)."""
@@ -393,7 +437,7 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         ts = _now_ms()
-        ms = [Metric(k, v, ts, step) for k, v, step in metrics]
+        ms = [Metric(m[0], m[1], m[3] if len(m) > 3 else ts, m[2]) for m in metrics]
         ps = [Param(k, _text(v, MAX_PARAM_VALUE)) for k, v in params]
         tg = [RunTag(k, _text(v, MAX_TAG_VALUE)) for k, v in tags]
         for chunk in _chunks(ms, MAX_METRICS_PER_BATCH):
@@ -497,18 +541,14 @@ class Tracker:
         return runs[0] if runs else None  # the oldest wins if a race ever made two
 
     def log_event(self, run_id: str, event: dict) -> None:
-        """One trainer callback event -> one batch. eval/done metrics use step = tokens seen."""
-        kind = event.get("event")
-        if kind == "checkpoint":
-            step = int(event.get("step", 0))
-            tags = {"last_checkpoint_step": step, "last_checkpoint_path": event.get("path", ""),
-                    "checkpoint_dir": event.get("checkpoint_dir", "")}
-            self._log("log checkpoint", run_id, metrics=[("checkpoint_step", float(step), step)], tags=tags.items())
-            return
-        step = int(event.get("tokens", event.get("step", 0)) or 0)
-        metrics = [(k, v, step) for k, v in event_metrics(event).items()]
-        tags = {"finished": str(bool(event.get("finished", True))).lower()} if kind == "done" else {}
-        self._log(f"log {kind} event", run_id, metrics=metrics, tags=tags.items())
+        """One trainer callback event -> one batch (see `event_records`)."""
+        metrics, tags = event_records(event)
+        self._log(f"log {event.get('event')} event", run_id, metrics=metrics, tags=tags.items())
+
+    def log_metrics(self, run_id: str, metrics: list[tuple]) -> None:
+        """(key, value, step) or (key, value, step, timestamp_ms) points; a point sent again with its
+        timestamp is dropped by MLflow's SQL stores, so the outbox can re-send safely."""
+        self._log("log metrics", run_id, metrics=metrics)
 
     def end_trial(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
         _check_status(status)

@@ -58,25 +58,35 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """The http URI of a running `mlflow server` (sqlite backend, proxied local artifacts)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+def start_server(root, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` on 127.0.0.1 with its database and artifacts under root; returns (process, URL)
+    once it answers /health. Started again with the same root and port, it serves the same runs."""
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    deadline = time.time() + START_TIMEOUT_S
+    while not _healthy(url):
+        if proc.poll() is not None or time.time() > deadline:
+            _stop(proc)
+            tail = log_path.read_text()[-3000:]
+            raise RuntimeError(f"mlflow server did not come up on {url} "
+                               f"(exit code {proc.poll()}); its log ends with:\n{tail}")
+        time.sleep(0.5)
+    return proc, url
+
+
+stop_server = _stop
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The http URI of a running `mlflow server` (sqlite backend, proxied local artifacts)."""
+    proc, url = start_server(tmp_path_factory.mktemp("mlflow_server"))
     try:
-        deadline = time.time() + START_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None or time.time() > deadline:
-                tail = log_path.read_text()[-3000:]
-                raise RuntimeError(f"mlflow server did not come up on {url} "
-                                   f"(exit code {proc.poll()}); its log ends with:\n{tail}")
-            time.sleep(0.5)
         yield url
     finally:
         _stop(proc)
