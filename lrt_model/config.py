@@ -13,6 +13,9 @@ Design choices:
   derived: the config says in one field what evaluation and the trained model
   use, and a schedule never silently overrides it. The step -> passes rule
   lives only in `RecurrenceConfig.passes_at` / `passes_segments`.
+- Validation checks types first (a config can come from JSON or YAML), then
+  ranges, with upper bounds (`MAX_*`) that keep planning instant and
+  memory small; every error is one line that names the field.
 """
 
 from __future__ import annotations
@@ -27,22 +30,157 @@ PROJECTIONS = ("shared", "layerwise")
 STRATEGIES = ("interleaved", "multi_refine", "sequential")
 VALUE_EMBEDS = ("none", "alternating", "all")
 
+# Upper bounds, far beyond anything trained here; they keep a typo (depth 1e9) from hanging the planner,
+# which builds every model on the meta device (milliseconds per block)
+MAX_DEPTH = 128
+MAX_WIDTH = 1 << 16
+MAX_HEAD_DIM = 1024
+MAX_SEQ_LEN = 1 << 20
+MAX_VOCAB = 1 << 21
+MAX_PASSES = 1024
+MAX_BATCH = 1 << 40  # tokens (or rows) per step
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range; numpy's generators need >= 0
+# budgets: FLOPs, tokens and tokens per parameter; 1e30 FLOPs is ~10^5 times the largest training runs
+MAX_BUDGET = {"flops": 1e30, "tokens": 1e18, "tokens_per_param": 1e6}
+
 
 class ConfigError(ValueError):
     """A config value is out of range; the message names the field and the fix."""
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{name}={short_repr(value)} is not allowed; choose one of {', '.join(map(str, allowed))}")
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite int or float (not a bool); an int too large for a float is not one."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_int(name: str, value: Any, low: int, high: int, hint: str = "") -> None:
+    """An integer (not a bool) in [low, high], or a ConfigError naming the field."""
+    if not _is_int(value) or not low <= value <= high:
+        raise ConfigError(f"{name}={short_repr(value)} must be an integer in [{low}, {high}]{hint}")
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A finite number (not a bool) within the bounds, or a ConfigError naming the field."""
+    ok = _is_number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ConfigError(f"{name}={short_repr(value)} must be a finite number{' ' + bounds if bounds else ''}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={short_repr(value)} must be true or false")
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr for messages: one line, at most `limit` characters (huge ints have no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def from_mapping(cls, d: Any, where: str):
+    """cls(**d) for a dataclass, with unknown keys and a non-mapping as ConfigErrors (JSON configs)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping of {cls.__name__} fields, got {type(d).__name__}")
+    fields = cls.__dataclass_fields__
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {short_repr(unknown[0])}; allowed keys: {', '.join(fields)}")
+    return cls(**d)
+
+
+# Optimiser settings (lrt_model.optim.OptimConfig): checked here, next to the other configs' rules
+LR_FIELDS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "lr_scale")
+FRACTION_FIELDS = ("warmup_frac", "warmdown_frac", "final_lr_frac")
+MUON_CHOICES = ("auto", "batched", "torch")
+
+
+def check_optim(optim: Any, prefix: str = "optim.") -> None:
+    """Learning rates finite and > 0, weight decay finite and >= 0, Adam betas in [0, 1), fractions in [0, 1]."""
+    for name in LR_FIELDS:
+        check_number(prefix + name, getattr(optim, name), low=0, low_open=True)
+    check_number(prefix + "weight_decay", optim.weight_decay, low=0)
+    betas = optim.adam_betas
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{prefix}adam_betas={short_repr(betas)} must be two numbers in [0, 1), e.g. [0.8, 0.95]")
+    if optim.reference_batch_tokens is not None:
+        check_int(prefix + "reference_batch_tokens", optim.reference_batch_tokens, 1, MAX_BATCH)
+    for name in FRACTION_FIELDS:
+        check_number(prefix + name, getattr(optim, name), low=0, high=1)
+    _check_choice(prefix + "muon", optim.muon, MUON_CHOICES)
+
+
+# ICL settings (lrt_model.icl.DEFAULTS): type and range per key, checked before icl_config compares values
+_COUNT = 1 << 20
+ICL_RULES = {
+    "evals": ("names", None), "ks": ("ints", (1, MAX_SEQ_LEN)), "items": ("int", (1, _COUNT)),
+    "choices": ("int", (2, 1024)), "seed": ("int", (0, MAX_SEED)), "score_rows": ("int", (1, _COUNT)),
+    "early": ("window", None), "late": ("window", None), "score_views": ("names?", None),
+    "task_views": ("names?", None), "core_views": ("names?", None), "recall_queries": ("int", (1, _COUNT)),
+    "induction_len": ("int", (1, MAX_SEQ_LEN)), "copy_len": ("int", (1, MAX_SEQ_LEN)), "core_dir": ("str?", None),
+    "core_max_per_task": ("int", (-1, _COUNT)), "batch_rows": ("int", (1, _COUNT)),
+    "batch_tokens": ("int?", (1, MAX_BATCH)), "cpu_threads": ("int?", (1, 4096)),
+}
+
+
+def check_icl(cfg: Any) -> dict:
+    """`lrt_model.icl.icl_config(cfg)` after checking each setting's type and range (YAML and JSON give
+    any type), so a bad setting is one ConfigError naming it."""
+    from .icl import icl_config  # icl imports this module
+
+    if cfg is not None and not isinstance(cfg, dict):
+        raise ConfigError(f"icl={short_repr(cfg)} must be a mapping of ICL settings (or null for the defaults)")
+    for key, value in (cfg or {}).items():
+        if key not in ICL_RULES:
+            continue  # icl_config names unknown keys with the allowed ones
+        kind, bounds = ICL_RULES[key]
+        name = f"icl.{key}"
+        if kind.endswith("?"):
+            if value is None:
+                continue
+            kind = kind[:-1]
+        if kind == "int":
+            check_int(name, value, *bounds)
+        elif kind == "ints":
+            if not isinstance(value, list) or not value or len(value) > 64:
+                raise ConfigError(f"{name}={short_repr(value)} must be a non-empty list of at most 64 integers")
+            for v in value:
+                check_int(name, v, *bounds)
+        elif kind == "names":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}={short_repr(value)} must be a list of names")
+        elif kind == "str":
+            if not isinstance(value, str):
+                raise ConfigError(f"{name}={short_repr(value)} must be a path (a string) or null")
+        elif kind == "window" and value is not None:
+            if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)):
+                raise ConfigError(f"{name}={short_repr(value)} must be a [start, end) pair of positions or null")
+    return icl_config(cfg)
 
 
 def _reached(step: int, total_steps: int, fraction: float) -> bool:
@@ -52,11 +190,17 @@ def _reached(step: int, total_steps: int, fraction: float) -> bool:
 
 
 def _first_step(fraction: float, total_steps: int) -> int:
-    """The first step at which `fraction` is reached (total_steps when never)."""
-    step = max(0, math.floor(fraction * total_steps) - 1)
-    while step < total_steps and not _reached(step, total_steps, fraction):
-        step += 1
-    return step
+    """The first step at which `fraction` is reached (total_steps when never). A binary search on `_reached`
+    (monotonic in the step): O(log total_steps), where counting up from fraction * total_steps took about
+    total_steps * 1e-16 steps (a planner hang past ~1e22 steps)."""
+    lo, hi = 0, total_steps
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _reached(mid, total_steps, fraction):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @dataclass
@@ -87,25 +231,31 @@ class RecurrenceConfig:
     recompute_mlp: bool = False
 
     def __post_init__(self) -> None:
-        if self.passes_schedule is not None:  # tuples (YAML, pydantic) and lists (JSON) compare equal after this
+        # tuples (YAML, pydantic) and lists (JSON) compare equal after this
+        if isinstance(self.passes_schedule, (list, tuple)):
             self.passes_schedule = [list(e) if isinstance(e, (list, tuple)) else e for e in self.passes_schedule]
 
     def validate(self, depth: int) -> None:
         _check_choice("injection", self.injection, INJECTIONS)
         _check_choice("projection", self.projection, PROJECTIONS)
         _check_choice("strategy", self.strategy, STRATEGIES)
-        if not -depth <= self.source_layer < depth:
+        if not _is_int(self.source_layer) or not -depth <= self.source_layer < depth:
             raise ConfigError(
-                f"source_layer={self.source_layer} is outside the model's {depth} blocks; "
+                f"source_layer={short_repr(self.source_layer)} is outside the model's {depth} blocks; "
                 f"use an index in [{-depth}, {depth - 1}] (negative counts from the end)"
             )
-        if self.passes < 1:
-            raise ConfigError(f"passes={self.passes} must be >= 1 (S for interleaved, K for multi_refine)")
+        check_int("passes", self.passes, 1, MAX_PASSES, " (S for interleaved, K for multi_refine)")
+        for name in ("gates", "refresh_kv", "detach", "recompute_mlp"):
+            check_bool(name, getattr(self, name))
+        check_number("gamma_init", self.gamma_init)
         if self.passes_schedule is not None:
             self._validate_schedule()
         if self.loss_weights is not None:
             if self.strategy == "sequential":
                 raise ConfigError("loss_weights only apply to the interleaved and multi_refine strategies")
+            if not isinstance(self.loss_weights, list) or not all(_is_number(w) for w in self.loss_weights):
+                raise ConfigError(f"loss_weights={short_repr(self.loss_weights)} must be a list of finite numbers "
+                                  "(passes + 1 of them, pass 0 first)")
             if len(self.loss_weights) != self.passes + 1:
                 raise ConfigError(
                     f"loss_weights has {len(self.loss_weights)} entries; give passes + 1 = {self.passes + 1} "
@@ -127,9 +277,9 @@ class RecurrenceConfig:
                               "e.g. [[0.0, 2], [0.6, 4]]")
         for i, entry in enumerate(sched):
             ok = isinstance(entry, list) and len(entry) == 2 and _is_number(entry[0]) and _is_int(entry[1])
-            if not ok or entry[1] < 1 or not 0 <= entry[0] < 1:
-                raise ConfigError(f"passes_schedule[{i}]={entry!r} must be a [fraction, passes] pair with "
-                                  "0 <= fraction < 1 and an integer passes >= 1")
+            if not ok or not 1 <= entry[1] <= MAX_PASSES or not 0 <= entry[0] < 1:
+                raise ConfigError(f"passes_schedule[{i}]={short_repr(entry)} must be a [fraction, passes] pair with "
+                                  f"0 <= fraction < 1 and an integer passes >= 1 (at most {MAX_PASSES})")
         fractions = [e[0] for e in sched]
         if fractions[0] != 0:
             raise ConfigError(f"passes_schedule starts at fraction {fractions[0]}; make the first entry [0.0, passes]")
@@ -191,7 +341,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.recurrence, dict):
-            self.recurrence = RecurrenceConfig(**self.recurrence)
+            self.recurrence = from_mapping(RecurrenceConfig, self.recurrence, "recurrence")
         self.validate()
 
     @property
@@ -216,8 +366,19 @@ class ModelConfig:
         return False
 
     def validate(self) -> None:
-        if self.depth < 1:
-            raise ConfigError(f"depth={self.depth} must be >= 1")
+        check_int("depth", self.depth, 1, MAX_DEPTH)
+        check_int("head_dim", self.head_dim, 1, MAX_HEAD_DIM)
+        if self.width is not None:
+            check_int("width", self.width, 1, MAX_WIDTH)
+        if self.n_kv_head is not None:
+            check_int("n_kv_head", self.n_kv_head, 1, MAX_WIDTH)
+        check_int("seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        check_int("vocab_size", self.vocab_size, 2, MAX_VOCAB)
+        check_number("softcap", self.softcap, low=0, low_open=True)
+        check_number("rope_base", self.rope_base, low=0, low_open=True)
+        if self.recurrence is not None and not isinstance(self.recurrence, RecurrenceConfig):
+            raise ConfigError(f"recurrence={short_repr(self.recurrence)} must be a mapping of recurrence settings "
+                              "or null (the baseline)")
         if self.d_model % self.head_dim:
             raise ConfigError(f"width={self.d_model} is not a multiple of head_dim={self.head_dim}")
         if self.n_head % self.kv_heads:
@@ -233,4 +394,4 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**d)
+        return from_mapping(cls, d, "model")

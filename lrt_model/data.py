@@ -70,7 +70,7 @@ def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         return resolve(uri)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"cannot open corpus location {uri!r} ({e}): pass a local directory or an s3:// URI") from e
+        raise DataError(f"cannot open corpus location {uri!r} ({_one_line(e)}): pass a local directory or an s3:// URI") from e
 
 
 def _join(base: str, name: str) -> str:
@@ -110,11 +110,16 @@ def _list_shards(corpus: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, shards
 
 
+def _one_line(error: Exception, limit: int = 200) -> str:
+    text = " ".join(str(error).split())  # pyarrow's messages span lines
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_text_column(fs: pafs.FileSystem, path: str) -> None:
     try:
         schema = pq.read_schema(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"shard {path} is not a readable parquet file ({e}): rewrite or remove it") from e
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"shard {path} is not a readable parquet file ({_one_line(e)}): rewrite or remove it") from e
     if "text" not in schema.names:
         raise DataError(f"shard {path} has no 'text' column (columns found: {', '.join(schema.names) or 'none'}): "
                         "write the documents into a string column named 'text'")
@@ -125,10 +130,19 @@ def _check_text_column(fs: pafs.FileSystem, path: str) -> None:
 
 
 def _read_texts(fs: pafs.FileSystem, path: str) -> list[str]:
-    """The non-empty documents of one shard, in row order."""
+    """The non-empty documents of one shard, in row order. A shard that cannot be read (corrupt pages,
+    invalid UTF-8) is a DataError naming it: a footer can be intact while the pages are not."""
     _check_text_column(fs, path)
-    column = pq.read_table(path, columns=["text"], filesystem=fs).column("text")
-    return [t for t in column.to_pylist() if t]
+    try:
+        column = pq.read_table(path, columns=["text"], filesystem=fs).column("text")
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"shard {path} is not a readable parquet file ({_one_line(e)}): rewrite or remove it") from None
+    try:
+        column.validate(full=True)  # parquet does not check UTF-8 on write: a bad row fails here, by index
+        return [t for t in column.to_pylist() if t]
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise DataError(f"shard {path} column 'text' is not valid UTF-8 ({_one_line(e)}): rewrite the shard with "
+                        "its documents as UTF-8 strings") from None
 
 
 # ---------------------------------------------------------------------------

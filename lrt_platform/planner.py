@@ -343,8 +343,13 @@ def _search_corners(spec: Spec, limit: int = 256) -> list[tuple[dict, str]]:
     for key, d in spec.search.space.items():
         if key not in FLOPS_FIELDS or d.type in ("float", "loguniform"):
             continue
-        values = d.choices if d.type == "categorical" else list(range(int(d.low), int(d.high) + 1, int(d.step or 1)))
-        dims.append((key, values if len(values) <= 16 else [values[0], values[-1]]))
+        if d.type == "categorical":
+            values = d.choices if len(d.choices) <= 16 else [d.choices[0], d.choices[-1]]
+        else:  # counted, never materialised: an int range may be long
+            low, step = int(d.low), int(d.step or 1)
+            n = (int(d.high) - low) // step + 1
+            values = [low + i * step for i in range(n)] if n <= 16 else [low, low + (n - 1) * step]
+        dims.append((key, values))
     base = default_point(spec)
     corners = [(base, "the default point")]
     for combo in itertools.islice(itertools.product(*(v for _, v in dims)), limit):
@@ -355,12 +360,19 @@ def _search_corners(spec: Spec, limit: int = 256) -> list[tuple[dict, str]]:
 
 def check_search_budget(spec: Spec) -> None:
     """Plan the default point and every FLOPs-changing corner of the space, so a budget too small to
-    match some searched config fails at launch, naming it, not later as a failed Optuna trial."""
-    for params, _ in _search_corners(spec):
+    match some searched config fails at launch, naming it, not later as a failed Optuna trial. The
+    baseline's steps are planned once and each corner is matched to them as `plan_search_trial` matches
+    it: linear in the (up to 257) corners, where a full trial plan per corner was quadratic."""
+    depth, value = spec.depths[0], spec.budgets.values(spec.depths[0])[0]
+    base = spec.baseline_arm.name
+    base_steps = match_steps(spec, depth, value, _arm_configs(spec, depth))[base]
+    base_cfg = spec.model_config_for(depth, None)
+    for params, where in _search_corners(spec):
         try:
-            plan_search_trial(spec, params, 0, root="/")
+            model = apply_search_params(spec, params)[0]
         except ConfigError:
             continue  # an invalid combination fails in its own trial with the trainer's message
+        match_steps(spec, depth, value, {base: base_cfg, f"the searched arm at {where}": model}, base_steps)
 
 
 def default_search_trial(spec: Spec, root: str | None = None) -> Trial:

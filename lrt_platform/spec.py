@@ -16,6 +16,10 @@ Design choices:
   tokens and steps is the planner's job, not this module's.
 - Every (arm, depth) pair is checked by building the real `ModelConfig`, so a
   spec that validates here is one the trainer accepts.
+- Bad input is refused, never crashes or hangs: inf/nan are refused in every
+  float field (`allow_inf_nan=False`), and sizes have upper bounds
+  (lrt_model.config's `MAX_*`, `MAX_TRIALS`, `MAX_NODES`) so a typo cannot
+  make planning build a billion-layer model or a trillion-value range.
 - `spec_hash()` is sha256 of the canonical JSON of the normalised spec, first
   12 hex characters. Where results are stored (storage, tracking) and how
   they are executed (max_concurrent_trials, max_failures) are left out of the
@@ -44,10 +48,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lrt_model.config import INJECTIONS, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, ConfigError, ModelConfig, RecurrenceConfig
+from lrt_model.config import (INJECTIONS, MAX_BATCH, MAX_BUDGET, MAX_DEPTH, MAX_HEAD_DIM, MAX_PASSES, MAX_SEED,
+                               MAX_SEQ_LEN, MAX_VOCAB, MAX_WIDTH, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, ConfigError,
+                               ModelConfig, RecurrenceConfig, check_icl, check_number, short_repr)
 from lrt_model.optim import OptimConfig
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# experiment and arm names become folder names and trial ids: no separators, no whitespace, no leading dot
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_TRIALS = 10_000  # grid trials of one spec (arms x depths x budgets x seeds)
+MAX_SEARCH_TRIALS = 100_000  # Optuna trials of a search, tuning trials per arm and budget
+MAX_SPEC_BYTES = 1 << 20  # a spec is a small YAML file
+MAX_NODES = 100_000  # values in a spec, YAML aliases expanded (a "billion laughs" file is refused, not walked)
+OPTUNA_SEED = 2**32 - 1  # numpy's RandomState, which Optuna's samplers seed
 RECURRENCE_FIELDS = tuple(RecurrenceConfig.__dataclass_fields__)
 # search-only pseudo field: loss_weights = [1] * passes + [final_weight], so it stays valid whatever passes is
 FINAL_WEIGHT = "recurrence.final_weight"
@@ -71,7 +83,7 @@ class SpecError(ValueError):
 class _Strict(BaseModel):
     """Unknown keys are errors that list the allowed keys (pydantic's own message does not)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -85,6 +97,10 @@ class _Strict(BaseModel):
 
 PosInt = typing.Annotated[int, Field(gt=0)]
 PosFloat = typing.Annotated[float, Field(gt=0)]
+Count = typing.Annotated[int, Field(ge=0, le=MAX_BATCH)]  # steps, tokens
+Seed = typing.Annotated[int, Field(ge=0, le=MAX_SEED)]
+SamplerSeed = typing.Annotated[int, Field(ge=0, le=OPTUNA_SEED)]
+Fraction = typing.Annotated[float, Field(ge=0, le=1)]
 
 
 class DataSpec(_Strict):
@@ -94,10 +110,10 @@ class DataSpec(_Strict):
     @field_validator("tokenizer")
     @classmethod
     def _tokenizer(cls, v: str) -> str:
-        if v != "byte" and not re.fullmatch(r"bpe:\d+", v):
-            raise ValueError(f"{v!r} is not a tokenizer; use 'byte' or 'bpe:N' (e.g. 'bpe:32768')")
-        if v.startswith("bpe:") and int(v[4:]) < 258:
-            raise ValueError(f"{v!r} is too small; a bpe vocabulary needs at least 258 tokens")
+        if v != "byte" and not re.fullmatch(r"bpe:[0-9]{1,9}", v):
+            raise ValueError(f"{short_repr(v)} is not a tokenizer; use 'byte' or 'bpe:N' (e.g. 'bpe:32768')")
+        if v.startswith("bpe:") and not 258 <= int(v[4:]) <= MAX_VOCAB:
+            raise ValueError(f"{v!r} is out of range; a bpe vocabulary has 258 to {MAX_VOCAB} tokens")
         return v
 
     @property
@@ -106,19 +122,20 @@ class DataSpec(_Strict):
 
 
 class BackboneSpec(_Strict):
-    depth: list[PosInt] = [4]  # one depth or a list; an int is accepted
-    head_dim: PosInt = 64
-    width: PosInt | None = None  # default depth * 64 rounded up to head_dim
-    seq_len: PosInt = 256
-    batch_size: PosInt = 8  # rows per micro-batch per worker
-    total_batch_tokens: PosInt | None = None  # default batch_size * seq_len * workers (no accumulation)
+    depth: list[typing.Annotated[int, Field(gt=0, le=MAX_DEPTH)]] = Field([4], max_length=16)  # an int is accepted
+    head_dim: typing.Annotated[int, Field(gt=0, le=MAX_HEAD_DIM)] = 64
+    width: typing.Annotated[int, Field(gt=0, le=MAX_WIDTH)] | None = None  # default depth * 64 rounded up to head_dim
+    seq_len: typing.Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)] = 256
+    batch_size: typing.Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)] = 8  # rows per micro-batch per worker
+    # default batch_size * seq_len * workers (no accumulation)
+    total_batch_tokens: typing.Annotated[int, Field(gt=0, le=MAX_BATCH)] | None = None
     value_embeds: Literal[VALUE_EMBEDS] = "none"  # type: ignore[valid-type]
-    n_kv_head: PosInt | None = None
+    n_kv_head: typing.Annotated[int, Field(gt=0, le=MAX_WIDTH)] | None = None
 
     @field_validator("depth", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, int) else v
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("depth")
     @classmethod
@@ -133,25 +150,25 @@ class BackboneSpec(_Strict):
 class ArmSpec(_Strict):
     name: str
     baseline: bool = False
-    source_layer: int | None = None
+    source_layer: typing.Annotated[int, Field(ge=-MAX_DEPTH, lt=MAX_DEPTH)] | None = None
     injection: Literal[INJECTIONS] | None = None  # type: ignore[valid-type]
     projection: Literal[PROJECTIONS] | None = None  # type: ignore[valid-type]
     gates: bool | None = None
     gamma_init: float | None = None
     strategy: Literal[STRATEGIES] | None = None  # type: ignore[valid-type]
-    passes: PosInt | None = None
+    passes: typing.Annotated[int, Field(gt=0, le=MAX_PASSES)] | None = None
     refresh_kv: bool | None = None
     detach: bool | None = None
-    loss_weights: list[float] | None = None
-    passes_schedule: list[tuple[float, int]] | None = None  # [[fraction, passes], ...]; passes defaults to the last
+    loss_weights: list[typing.Annotated[float, Field(ge=0)]] | None = Field(None, max_length=MAX_PASSES + 1)
+    # [[fraction, passes], ...]; passes defaults to the last
+    passes_schedule: list[tuple[float, typing.Annotated[int, Field(gt=0, le=MAX_PASSES)]]] | None = \
+        Field(None, max_length=MAX_PASSES)
     recompute_mlp: bool | None = None
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid arm name; use letters, digits, '_', '-', '.'")
-        return v
+        return check_name(v, "arm")
 
     @model_validator(mode="after")
     def _baseline_has_no_recurrence(self) -> "ArmSpec":
@@ -171,6 +188,7 @@ class ArmSpec(_Strict):
 
 
 BudgetValues = dict[int, list[float]]  # depth -> values; key 0 = "every depth"
+MAX_BUDGET_VALUES = 64  # per depth
 
 
 class BudgetSpec(_Strict):
@@ -187,21 +205,31 @@ class BudgetSpec(_Strict):
             v = [v]
         items = {0: v} if isinstance(v, list) else v
         if not isinstance(items, dict):
-            raise ValueError(f"give a list of values or a mapping depth -> list of values (got {v!r})")
+            raise ValueError(f"give a list of values or a mapping depth -> list of values (got {short_repr(v)})")
+        cap = MAX_BUDGET[info.field_name]
         out = {}
         for depth, values in items.items():
+            if isinstance(depth, str) and depth.isascii() and depth.isdigit() and len(depth) < 4:
+                depth = int(depth)  # a quoted key: '2'
+            if type(depth) is not int or not 0 <= depth <= MAX_DEPTH:  # 0: every depth
+                raise ValueError(f"key {short_repr(depth)} is not a depth; give a list of values or a mapping "
+                                 f"depth (1 to {MAX_DEPTH}) -> list of values, e.g. {{2: [1.0e+12]}}")
             values = values if isinstance(values, list) else [values]
-            if not values:
-                raise ValueError("give at least one budget value")
+            if not values or len(values) > MAX_BUDGET_VALUES:
+                raise ValueError(f"give 1 to {MAX_BUDGET_VALUES} budget values per depth (got {len(values)})")
             for i, x in enumerate(values):
                 where = f"entry {i}" if depth == 0 else f"depth {depth}, entry {i}"
                 try:
-                    x = float(x)
-                except (TypeError, ValueError):
-                    raise ValueError(f"{x!r} ({where}) is not a number") from None
+                    if isinstance(x, bool):
+                        raise TypeError
+                    x = float(x)  # a string too: YAML reads 1e12 (no dot) as one
+                except (TypeError, ValueError, OverflowError):
+                    raise ValueError(f"{short_repr(x)} ({where}) is not a number") from None
                 if not math.isfinite(x) or x <= 0:
-                    raise ValueError(f"{x:g} ({where}) is not allowed; budgets must be positive numbers")
-            out[int(depth)] = [float(x) for x in values]
+                    raise ValueError(f"{short_repr(x)} ({where}) is not allowed; budgets must be positive numbers")
+                if x > cap:
+                    raise ValueError(f"{x:g} ({where}) is too large; at most {cap:g}")
+            out[depth] = [float(x) for x in values]
         return out
 
     @model_validator(mode="after")
@@ -220,6 +248,9 @@ class BudgetSpec(_Strict):
         return table.get(depth, table.get(0, []))
 
 
+Beta = typing.Annotated[float, Field(ge=0, lt=1)]  # an Adam beta
+
+
 class OptimSpec(_Strict):
     """Overrides of `OptimConfig` fields; unset fields keep the trainer's defaults."""
 
@@ -228,11 +259,11 @@ class OptimSpec(_Strict):
     unembedding_lr: PosFloat | None = None
     scalar_lr: PosFloat | None = None
     weight_decay: float | None = Field(None, ge=0)
-    adam_betas: tuple[float, float] | None = None
-    reference_batch_tokens: PosInt | None = None
-    warmup_frac: float | None = Field(None, ge=0, le=1)
-    warmdown_frac: float | None = Field(None, ge=0, le=1)
-    final_lr_frac: float | None = Field(None, ge=0, le=1)
+    adam_betas: tuple[Beta, Beta] | None = None
+    reference_batch_tokens: typing.Annotated[int, Field(gt=0, le=MAX_BATCH)] | None = None
+    warmup_frac: Fraction | None = None
+    warmdown_frac: Fraction | None = None
+    final_lr_frac: Fraction | None = None
     lr_scale: PosFloat | None = None  # multiplies every learning rate
     muon: Literal["auto", "batched", "torch"] | None = None  # how Muon runs (same update up to bf16 rounding): not searched, not hashed
 
@@ -241,17 +272,18 @@ class OptimSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    eval_tokens: PosInt = 32768  # validation tokens per evaluation
-    eval_every: int = Field(0, ge=0)  # steps; 0 = about 8 evaluations per trial
+    eval_tokens: typing.Annotated[int, Field(gt=0, le=MAX_BATCH)] = 32768  # validation tokens per evaluation
+    eval_every: Count = 0  # steps; 0 = about 8 evaluations per trial
     icl: dict[str, Any] | None = None  # final in-context-learning evaluation (lrt_model.icl settings); {evals: []} = off
 
     @field_validator("icl")
     @classmethod
     def _check_icl(cls, v):
-        from lrt_model.icl import icl_config
-
-        icl_config(v)  # unknown settings or values: the ConfigError names them
+        check_icl(v)  # unknown settings, wrong types or values: the ConfigError names them
         return v
+
+
+Scalar = None | bool | int | float | str  # a value a `when` condition compares with
 
 
 class Dist(_Strict):
@@ -261,8 +293,8 @@ class Dist(_Strict):
     low: float | None = None
     high: float | None = None
     step: PosFloat | None = None
-    choices: list[Any] | None = None
-    when: dict[str, Any] | None = None
+    choices: list[Any] | None = Field(None, max_length=1024)  # each checked against its field (_check_dimension)
+    when: dict[str, Scalar | list[Scalar]] | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> "Dist":
@@ -278,11 +310,22 @@ class Dist(_Strict):
             raise ValueError(f"low={self.low:g} must be below high={self.high:g}")
         if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
             raise ValueError(f"an int distribution needs integer bounds (got {self.low:g}, {self.high:g})")
+        if self.type == "int" and self.step is not None and not float(self.step).is_integer():
+            raise ValueError(f"step={self.step:g}: an int distribution needs an integer step (e.g. 1 or 2)")
         if self.type == "loguniform" and self.low <= 0:
             raise ValueError(f"a loguniform distribution needs low > 0 (got {self.low:g})")
+        if self.type == "loguniform" and self.step is not None:
+            raise ValueError("a loguniform distribution takes no step; use type: float for a stepped range")
         if self.choices is not None:
             raise ValueError(f"a {self.type} distribution takes low/high, not 'choices'")
         return self
+
+    def values_to_check(self) -> list[tuple[str, Any]]:
+        """(where, value) for the values that bound the dimension: its ends, or every choice."""
+        if self.type == "categorical":
+            return [(f"choices[{i}]", c) for i, c in enumerate(self.choices)]
+        cast = int if self.type == "int" else float
+        return [("low", cast(self.low)), ("high", cast(self.high))]
 
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
@@ -320,8 +363,8 @@ class SearchSpec(_Strict):
     arm: str | None = None  # the LRT arm whose fields are searched; default the only LRT arm
     space: dict[str, Dist]
     sampler: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
-    num_trials: PosInt = 8
+    seed: SamplerSeed = 0
+    num_trials: typing.Annotated[int, Field(gt=0, le=MAX_SEARCH_TRIALS)] = 8
     metric: DecodingMetric = "val_bpb"
     mode: Literal["min", "max"] = "min"
     asha: AshaSpec = AshaSpec()
@@ -337,10 +380,11 @@ class SearchSpec(_Strict):
         allowed = search_fields()
         for key, dist in v.items():
             if key not in allowed:
-                raise ValueError(f"{key!r} cannot be searched; allowed fields: {', '.join(allowed)}")
+                raise ValueError(f"{short_repr(key)} cannot be searched; allowed fields: {', '.join(allowed)}")
             for dep in (dist.when or {}):
                 if dep not in allowed:
-                    raise ValueError(f"{key}.when names {dep!r}, which is not a searchable field")
+                    raise ValueError(f"{key}.when names {short_repr(dep)}, which is not a searchable field")
+            _check_dimension(key, dist)
         return v
 
     @model_validator(mode="after")
@@ -354,10 +398,10 @@ class TuningSpec(_Strict):
     """Equal tuning effort: the same search, for every arm, at every budget; the grid then runs each arm's best."""
 
     space: dict[str, Dist]  # optim.* fields only
-    trials: int = 6  # per arm and budget, the arm's own settings (trial 0) included
+    trials: int = Field(6, le=MAX_SEARCH_TRIALS)  # per arm and budget, the arm's own settings (trial 0) included
     sampler: Literal["tpe", "random"] = "tpe"
-    seed: int = 0  # the sampler's seed, the same for every arm
-    train_seed: int = 1000  # the training seed of every tuning trial; not one of the spec's seeds
+    seed: SamplerSeed = 0  # the sampler's seed, the same for every arm
+    train_seed: Seed = 1000  # the training seed of every tuning trial; not one of the spec's seeds
     metric: DecodingMetric = "val_bpb"  # minimised: train()'s headline view (sequential for LRT arms, full for the baseline)
 
     @field_validator("space")
@@ -368,11 +412,12 @@ class TuningSpec(_Strict):
         allowed = [f for f in search_fields() if f.startswith("optim.")]
         for key, dist in v.items():
             if key not in allowed:
-                raise ValueError(f"{key!r} cannot be tuned: only optim.* fields apply to every arm alike and leave "
-                                 f"FLOPs per token unchanged (use `search:` for one LRT arm's fields); allowed: "
+                raise ValueError(f"{short_repr(key)} cannot be tuned: only optim.* fields apply to every arm alike and "
+                                 f"leave FLOPs per token unchanged (use `search:` for one LRT arm's fields); allowed: "
                                  f"{', '.join(allowed)}")
             if dist.when:
                 raise ValueError(f"{key}.when: tuning dimensions are unconditional; remove `when`")
+            _check_dimension(key, dist)
         return v
 
     @field_validator("trials")
@@ -384,15 +429,15 @@ class TuningSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    workers_per_trial: PosInt = 1  # > 1: a Ray Train TorchTrainer (DDP) per trial
-    cpus_per_worker: PosFloat = 1.0
-    gpus_per_worker: float = Field(0.0, ge=0)
-    max_concurrent_trials: PosInt | None = None  # default: as many as the cluster holds
+    workers_per_trial: typing.Annotated[int, Field(gt=0, le=4096)] = 1  # > 1: a Ray Train TorchTrainer (DDP) per trial
+    cpus_per_worker: float = Field(1.0, gt=0, le=4096)
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)
+    max_concurrent_trials: typing.Annotated[int, Field(gt=0, le=MAX_TRIALS)] | None = None  # default: as many as fit
 
 
 class FailureSpec(_Strict):
-    max_failures: int = Field(2, ge=0)  # retries per trial; each resumes from the trial's checkpoint
-    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = at every evaluation
+    max_failures: int = Field(2, ge=0, le=1000)  # retries per trial; each resumes from the trial's checkpoint
+    checkpoint_every: Count = 0  # steps; 0 = at every evaluation
 
 
 class TrackingSpec(_Strict):
@@ -405,10 +450,10 @@ class Spec(_Strict):
     description: str = ""
     data: DataSpec = DataSpec()
     backbone: BackboneSpec = BackboneSpec()
-    arms: list[ArmSpec]
+    arms: list[ArmSpec] = Field(max_length=64)
     budgets: BudgetSpec
     matching: Literal["compute", "tokens"] = "compute"
-    seeds: list[int] = [0]
+    seeds: list[Seed] = Field([0], max_length=MAX_TRIALS)
     optim: OptimSpec = OptimSpec()
     eval: EvalSpec = EvalSpec()
     search: SearchSpec | None = None
@@ -421,9 +466,7 @@ class Spec(_Strict):
     @field_validator("experiment")
     @classmethod
     def _experiment(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid experiment name; use letters, digits, '_', '-', '.'")
-        return v
+        return check_name(v, "experiment")
 
     @field_validator("seeds")
     @classmethod
@@ -437,8 +480,9 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
         _check_arms(self)
-        _check_models(self)
         _check_budgets(self)
+        _check_size(self)
+        _check_models(self)
         _check_batch(self)
         if self.search is not None:
             _check_search(self)
@@ -481,6 +525,88 @@ def search_fields() -> list[str]:
     optim = [f"optim.{f}" for f in OptimConfig.__dataclass_fields__ if f not in ("adam_betas", "muon")]
     return [f"recurrence.{f}" for f in RECURRENCE_FIELDS] + [FINAL_WEIGHT] + \
         [f"model.{f}" for f in MODEL_SEARCH_FIELDS] + optim
+
+
+def check_name(v: str, what: str) -> str:
+    """Experiment and arm names are folder names and parts of trial ids."""
+    if not NAME_RE.fullmatch(v):
+        raise ValueError(f"{short_repr(v)} is not a valid {what} name; use 1 to 64 letters, digits, '_', '-', '.', "
+                         "starting with a letter or digit")
+    return v
+
+
+# what a searched field holds when its default is None
+_NONE_DEFAULT_KINDS = {"loss_weights": list, "passes_schedule": list}
+
+
+def _field_default(key: str) -> Any:
+    group, name = key.split(".", 1)
+    if key == FINAL_WEIGHT:
+        return 1.0
+    cls = {"recurrence": RecurrenceConfig, "model": ModelConfig, "optim": OptimConfig}[group]
+    return cls.__dataclass_fields__[name].default
+
+
+def _value_error(key: str, value: Any) -> str | None:
+    """Why `value` cannot be the searched field `key`, whatever the other fields are (None: it can)."""
+    name = key.split(".", 1)[1]
+    kind = _field_kind(key)
+    if value is None:
+        return None if _field_default(key) is None else "cannot be null"
+    if kind is float:
+        typed = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        typed = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        typed = isinstance(value, kind)
+    if not typed:
+        return f"not {'an' if kind is int else 'a'} {kind.__name__} (the field's type)"
+    try:
+        if key == FINAL_WEIGHT:
+            check_number(key, value, low=0)
+        elif key.startswith("optim."):
+            OptimSpec.model_validate({name: value})
+        elif key.startswith("recurrence."):
+            ArmSpec.model_validate({"name": "searched", name: value})
+        elif name in BackboneSpec.model_fields:
+            BackboneSpec.model_validate({name: value})
+        else:  # softcap, rope_base
+            check_number(key, value, low=0, low_open=True)
+    except ValidationError as e:
+        first = e.errors()[0]
+        return first["msg"].removeprefix("Value error, ")
+    except ConfigError as e:
+        msg = str(e)
+        return msg[msg.find(" must ") + 1:]  # "name=value must be ..." -> "must be ..."
+    return None
+
+
+def _field_kind(key: str) -> type:
+    default = _field_default(key)
+    return type(default) if default is not None else _NONE_DEFAULT_KINDS.get(key.split(".", 1)[1], int)
+
+
+def _check_dimension(key: str, dist: "Dist") -> None:
+    """Every value a dimension can take has the field's type, and its ends (or choices) are in range."""
+    kind = _field_kind(key)
+    if dist.type in ("float", "loguniform") and kind is not float:
+        raise ValueError(f"{key}: a {dist.type} distribution draws fractional numbers, but the field takes "
+                         f"{kind.__name__} values; use type: {'int' if kind is int else 'categorical'}")
+    if dist.type == "int" and kind not in (int, float):
+        raise ValueError(f"{key}: the field takes {kind.__name__} values; use type: categorical")
+    for where, value in dist.values_to_check():
+        error = _value_error(key, value)
+        if error:
+            raise ValueError(f"{key}.{where}={short_repr(value)}: {error}")
+
+
+def _check_size(spec: Spec) -> None:
+    """Counted, not built: a spec that would plan more than MAX_TRIALS trials is refused before planning."""
+    per_depth = sum(len(spec.budgets.values(d)) for d in spec.depths)
+    n = len(spec.arms) * per_depth * len(spec.seeds)
+    if n > MAX_TRIALS:
+        raise ValueError(f"the spec plans {len(spec.arms)} arms x {per_depth} budgets x {len(spec.seeds)} seeds = "
+                         f"{n} trials; at most {MAX_TRIALS}: split it into several specs")
 
 
 def _check_arms(spec: Spec) -> None:
@@ -601,26 +727,78 @@ def when_holds(when: dict | None, sampled: dict, spec: Spec) -> bool:
 
 def load_spec(path: str) -> Spec:
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: more than {MAX_SPEC_BYTES} bytes; a spec is a small YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start}); a spec is a YAML file saved as UTF-8") from None
     return parse_spec(text, source=path)
 
 
 def parse_spec(text: str, source: str = "<spec>") -> Spec:
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: more than {MAX_SPEC_BYTES} characters; a spec is a small YAML file")
+    _check_flow_nesting(text, source)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise SpecError(f"{source}: not valid YAML{where}: {_one_line(getattr(e, 'problem', None) or e)}") from None
+    except Exception as e:  # PyYAML's constructors raise anything on bad text (!!int, !!timestamp, ...)
+        raise SpecError(f"{source}: not valid YAML: {_one_line(e) or type(e).__name__}") from None
+    return spec_from_data(data, source)
+
+
+def spec_from_data(data: Any, source: str = "<spec>") -> Spec:
+    """A validated Spec from YAML-loaded data (what `parse_spec` does after parsing the text)."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec is a YAML mapping (experiment:, arms:, budgets:, ...), got {type(data).__name__}")
+    _check_small(data, source)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"{source}: {describe(e)}") from None
+
+
+def _check_flow_nesting(text: str, source: str, limit: int = 64) -> None:
+    """PyYAML's scanner is quadratic in the nesting of [ ] and { } (a few thousand levels take seconds):
+    refuse deep nesting before parsing. Brackets inside quoted strings count too; no spec nests 64 deep."""
+    if text.count("[") + text.count("{") <= limit:
+        return
+    depth = 0
+    for match in re.finditer(r"[\[\]{}]", text):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        if depth > limit:
+            line = text.count("\n", 0, match.start()) + 1
+            raise SpecError(f"{source}: [ ] and {{ }} nested more than {limit} levels deep at line {line}; "
+                            "a spec is a small file")
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_small(data: Any, source: str, max_depth: int = 32) -> None:
+    """Count the values (aliases expanded) without recursion, so a hostile file is refused, not walked."""
+    stack, n = [(data, 0)], 0
+    while stack:
+        x, depth = stack.pop()
+        n += 1
+        if n > MAX_NODES:
+            raise SpecError(f"{source}: more than {MAX_NODES} values (YAML aliases expanded); a spec is a small file")
+        if depth > max_depth:
+            raise SpecError(f"{source}: values nested more than {max_depth} levels deep; a spec is a small file")
+        if isinstance(x, dict):
+            stack.extend((item, depth + 1) for pair in x.items() for item in pair)
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend((item, depth + 1) for item in x)
 
 
 def describe(error: ValidationError) -> str:
@@ -631,7 +809,7 @@ def describe(error: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     value = first.get("input")
     if first["type"] not in ("value_error", "missing") and _scalar(value):
-        msg += f" (got {value!r})"
+        msg += f" (got {short_repr(value)})"
     if first["type"] == "missing":
         msg = "this field is required"
     more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
@@ -645,6 +823,8 @@ def _path(loc: tuple) -> str:
             out += f"[{part}]"
         elif "[" in str(part) or part in ("int", "float", "str", "bool", "none"):
             continue  # pydantic's union-member tags say nothing to a user
+        elif not str(part).isprintable() or not str(part).strip() or " " in str(part) or len(str(part)) > 60:
+            out += f"[{short_repr(part)}]"  # a key a user may not see as written: newlines, spaces, ...
         else:
             out += ("." if out else "") + str(part)
     return out

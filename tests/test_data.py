@@ -395,3 +395,43 @@ def test_error_messages_are_one_line(tmp_path):
     with pytest.raises(DataError) as info:
         resolve_corpus(str(tmp_path / "nope"))
     assert "\n" not in str(info.value)
+
+
+def _invalid_utf8_table() -> pa.Table:
+    # parquet does not check UTF-8 when writing: a string column can hold any bytes
+    return pa.table({"text": pa.array([b"fine", b"bad \xff\xfe bytes"], pa.binary()).view(pa.string())})
+
+
+@pytest.mark.parametrize("write, fragment", [
+    (lambda p: pq.write_table(_invalid_utf8_table(), p), "column 'text' is not valid UTF-8"),
+    (lambda p: pq.write_table(pa.table({"text": [1, 2]}), p), "has type int64, not string"),
+    (lambda p: pq.write_table(pa.table({"text": pa.array(["a"]).dictionary_encode()}), p), "not string"),
+    (lambda p: open(p, "wb").close(), "is not a readable parquet file (Parquet file size is 0 bytes)"),
+    (lambda p: open(p, "wb").write(b"PAR1" + bytes(range(256)) * 8), "is not a readable parquet file"),
+    # an intact footer over zeroed pages: the schema reads, the pages do not
+    (lambda p: (pq.write_table(pa.table({"text": ["x" * 1000] * 100}), p), open(p, "r+b").write(b"\0" * 200)),
+     "is not a readable parquet file"),
+])
+def test_bad_shards_are_one_line_naming_the_file(tmp_path, write, fragment):
+    good = ["hello world " * 5] * 4  # a few rows: the loader reaches the next shard soon
+    write_corpus(tmp_path, [good, good, good])
+    bad = str(tmp_path / "s001.parquet")
+    write(bad)
+    for split in ("train", "val"):
+        if split == "val":  # the validation shard is the last one
+            os.replace(bad, str(tmp_path / "s002.parquet"))
+            bad = str(tmp_path / "s002.parquet")
+        with pytest.raises(DataError) as info:
+            loader = TokenLoader(str(tmp_path), ByteTokenizer(), split, seq_len=16, batch_size=4)
+            for _ in range(100):
+                loader.next_batch()
+            validation_rows(str(tmp_path), ByteTokenizer(), 16, 4)
+        msg = str(info.value)
+        assert bad in msg and fragment in msg and "\n" not in msg, msg
+
+
+def test_empty_shards_are_skipped(tmp_path):
+    good = ["hello world " * 20] * 30
+    write_corpus(tmp_path, [good, [], [None, ""], good])
+    x, _ = TokenLoader(str(tmp_path), ByteTokenizer(), "train", seq_len=16, batch_size=4).next_batch()
+    assert x.shape == (4, 16)

@@ -273,3 +273,56 @@ def test_passes_schedule_is_a_search_dimension():
     assert spec_hash(arm) != spec_hash(_spec())
     with pytest.raises(SpecError, match=r"arms\[1\] \(s2\), depth 2: passes=2 must equal .* set passes=4"):
         _spec(BASE.replace("passes: 2}", "passes: 2, passes_schedule: [[0, 2], [0.5, 4]]}"))
+
+
+def _one_lrt_arm_one_seed() -> str:
+    return BASE.replace("  - {name: k3, strategy: multi_refine, passes: 3}\n", "").replace("seeds: [0, 1]", "seeds: [0]")
+
+
+def test_long_int_ranges_are_counted_not_built():
+    """A search over a long int range: its ends stand for it (the range is never materialised), whatever its step."""
+    from lrt_platform.spec import Dist
+
+    text = _one_lrt_arm_one_seed()
+    spec = _spec(text + "search:\n  enqueue_defaults: false\n  space:\n"
+                        "    model.width: {type: int, low: 32, high: 128, step: 32}\n")
+    corners = planner._search_corners(spec)
+    assert [c["model.width"] for c, _ in corners[1:]] == [32, 64, 96, 128]
+    huge = Dist(type="int", low=64, high=64 * 10**15, step=64)  # past the spec's bounds: the planner alone
+    spec = spec.model_copy(update={"search": spec.search.model_copy(update={"space": {"model.width": huge}})})
+    t0 = time.perf_counter()
+    assert [c["model.width"] for c, _ in planner._search_corners(spec)[1:]] == [64, 64 * 10**15]
+    assert time.perf_counter() - t0 < 1
+
+
+def test_search_budget_check_is_linear_in_the_corners():
+    """192 FLOPs-changing corners used to mean 192 full trial plans, each re-planning every corner: ~20 s."""
+    text = _one_lrt_arm_one_seed()
+    spec = _spec(text.replace("[2.0e+11]", "[1.0e+13]") + (
+        "search:\n  space:\n    recurrence.passes: {type: int, low: 1, high: 16}\n"
+        "    recurrence.strategy: {type: categorical, choices: [interleaved, multi_refine]}\n"
+        "    recurrence.injection: {type: categorical, choices: [kv, residual, both]}\n"
+        "    recurrence.projection: {type: categorical, choices: [shared, layerwise]}\n"))
+    assert len(planner._search_corners(spec)) == 1 + 16 * 2 * 3 * 2
+    t0 = time.perf_counter()
+    check_search_budget(spec)
+    assert time.perf_counter() - t0 < 5
+    small = spec.model_copy(update={"budgets": spec.budgets.model_copy(update={"flops": {0: [2.0e9]}})})
+    with pytest.raises(PlanError, match="searched arm at .*recurrence.strategy=multi_refine"):
+        check_search_budget(small)
+
+
+def test_fuzzed_dry_runs_fail_in_one_line(tmp_path, capsys):
+    """The issue's dry-run reproducers through the CLI: exit code 2 and one line on stderr."""
+    cases = {
+        "budget_key.yaml": BASE.replace("flops: [2.0e+11]", "flops: {null: [2.0e+11]}"),
+        "int_step.yaml": BASE + ("search:\n  arm: s2\n  space:\n"
+                                 "    recurrence.passes: {type: int, low: 1, high: 4, step: 0.5}\n"),
+        "binary.yaml": "\udcff\udcfe binary",
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        assert sweep.main([str(path), "--dry-run", "--no-probe"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: ") and err.count("\n") == 1, err

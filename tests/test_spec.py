@@ -173,3 +173,92 @@ def test_not_yaml_and_not_a_mapping():
     assert "not valid YAML" in _error("a: [1, 2")
     assert "a YAML mapping" in _error("- 1\n- 2\n")
     assert "experiment: this field is required" in _error(BASE.replace("experiment: t\n", ""))
+
+
+# ---------------------------------------------------------------------------
+# Reproducers from the spec fuzzing issue: each was a traceback (or a hang), now one line naming the field
+
+
+SEARCH_BASE = BASE.replace("seeds: [0, 1]", "seeds: [0]") + "search:\n  space:\n"
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (BASE.replace("flops: [1.0e+11]", "flops: {null: [1.0e+11]}"), ["budgets.flops", "key None is not a depth"]),
+    (BASE + "eval: {icl: {ks: [a, 1]}}\n", ["eval.icl", "icl.ks='a' must be an integer"]),
+    (BASE + "eval: {icl: {items: .inf}}\n", ["eval.icl", "icl.items=inf must be an integer"]),
+    (SEARCH_BASE + "    recurrence.passes: {type: int, low: 1, high: 4, step: 0.5}\n",
+     ["search.space.recurrence.passes", "step=0.5", "integer step"]),
+    (SEARCH_BASE + "    recurrence.passes: {type: categorical, choices: [2, three]}\n",
+     ["recurrence.passes.choices[1]='three'", "not an int"]),
+    (SEARCH_BASE + "    recurrence.passes: {type: int, low: 1, high: 1000000000000}\n",
+     ["recurrence.passes.high=1000000000000", "less than or equal to 1024"]),
+    (SEARCH_BASE + "    model.softcap: {type: categorical, choices: [15.0, 0x" + "f" * 400 + "]}\n",
+     ["model.softcap.choices[1]", "must be a finite number > 0"]),
+    (SEARCH_BASE + "    recurrence.passes: {type: float, low: 1, high: 4}\n", ["use type: int"]),
+    (SEARCH_BASE + "    optim.lr_scale: {type: loguniform, low: 0.5, high: 2, step: 0.5}\n", ["takes no step"]),
+    (BASE.replace("depth: 2,", "depth: 1000000000,"), ["backbone.depth[0]", "less than or equal to 128"]),
+    (BASE.replace("[1.0e+11]", "[1.0e+307]"), ["budgets.flops", "1e+307 (entry 0) is too large"]),
+    (BASE.replace("flops: [1.0e+11]", "tokens_per_param: [1.0e+307]"), ["budgets.tokens_per_param", "too large"]),
+    (BASE.replace("flops: [1.0e+11]", "tokens: [.inf]"), ["budgets.tokens", "inf (entry 0) is not allowed"]),
+    (BASE + "optim: {matrix_lr: .inf}\n", ["optim.matrix_lr", "finite number"]),
+    (BASE + "optim: {lr_scale: .nan}\n", ["optim.lr_scale", "finite number"]),
+    (BASE.replace("passes: 2}", "passes: 2, gamma_init: .nan}"), ["arms[1].gamma_init", "finite number"]),
+    (BASE.replace("passes: 2}", "passes: 2, loss_weights: [1, 1, .inf]}"), ["arms[1].loss_weights[2]", "finite"]),
+    (SEARCH_BASE + "    recurrence.final_weight: {type: float, low: 0.5, high: .inf}\n",
+     ["search.space.recurrence.final_weight.high", "finite number"]),
+    (BASE + "optim: {adam_betas: [5, -3]}\n", ["optim.adam_betas[0]", "less than 1"]),
+    (BASE + "optim: {adam_betas: [0.9, -3]}\n", ["optim.adam_betas[1]", "greater than or equal to 0"]),
+    (BASE + "optim: {weight_decay: -1}\n", ["optim.weight_decay"]),
+    (BASE.replace("experiment: t", 'experiment: "t\\n"'), ["experiment", "'t\\n' is not a valid experiment name"]),
+    (BASE.replace("experiment: t", "experiment: " + "t" * 65), ["experiment", "1 to 64 letters"]),
+    (BASE.replace("name: lrt,", 'name: "lrt\\n",'), ["arms[1].name", "not a valid arm name"]),
+    (BASE.replace("seeds: [0, 1]", "seeds: [-1]"), ["seeds[0]", "greater than or equal to 0"]),
+    (BASE.replace("seeds: [0, 1]", "seeds: [" + ", ".join(map(str, range(6000))) + "]"), ["plans", "at most 10000"]),
+    (BASE + "data: {tokenizer: 'bpe:" + "9" * 5000 + "'}\n", ["data.tokenizer", "is not a tokenizer"]),
+    (BASE + "resources: {cpus_per_worker: .inf}\n", ["resources.cpus_per_worker", "finite number"]),
+    ("a: !!timestamp x\n", ["not valid YAML"]),
+    ("a: " + "1" * 5000 + "\n", ["not valid YAML"]),
+    ("a: " + "[" * 5000 + "\n", ["nested more than 64 levels deep at line 1"]),
+    ("a:\n" + "".join(" " * i + "- \n" for i in range(1, 200)), ["nested more than 32 levels deep"]),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+     ["more than 100000 values"]),
+])
+def test_fuzzing_reproducers_fail_with_one_line(text, fragments):
+    msg = _error(text)
+    for fragment in fragments:
+        assert fragment in msg, msg
+
+
+def test_binary_and_oversized_spec_files(tmp_path):
+    for name, content, fragment in [("binary.yaml", b"\xff\xfe\x00\x01\x89PNG", "not UTF-8 text (byte 0)"),
+                                    ("big.yaml", b"# " + b"x" * (1 << 20) + b"\n", "a spec is a small YAML file")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(SpecError) as e:
+            load_spec(str(path))
+        assert str(e.value).startswith(str(path)) and fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bounds_keep_valid_specs_valid():
+    """The new bounds and checks accept what they should: quoted depth keys, big but sane numbers."""
+    spec = parse_spec(BASE.replace("depth: 2,", "depth: [2, 4],").replace(
+        "flops: [1.0e+11]", "flops: {'2': [1.0e+11], 4: [1.0e+30]}") + "optim: {adam_betas: [0, 0.999]}\n")
+    assert spec.budgets.values(2) == [1e11] and spec.budgets.values(4) == [1e30]
+    search = SEARCH_BASE + ("    recurrence.passes: {type: int, low: 1, high: 8, step: 1}\n"
+                            "    model.width: {type: categorical, choices: [null, 64, 128]}\n"
+                            "    recurrence.passes_schedule: "
+                            "{type: categorical, choices: [null, [[0.0, 2], [0.5, 4]]]}\n"
+                            "    optim.lr_scale: {type: loguniform, low: 0.25, high: 4}\n")
+    assert len(parse_spec(search).search.space) == 4
+
+
+def test_every_searchable_field_accepts_its_default():
+    """The per-field check of search values knows every searchable field, and its own defaults pass it."""
+    from lrt_platform.spec import _field_default, _value_error, search_fields
+
+    for key in search_fields():
+        assert _value_error(key, _field_default(key)) is None, key
+    assert _value_error("recurrence.passes", 0) and _value_error("optim.lr_scale", -1.0)
+    assert _value_error("recurrence.strategy", 2) and _value_error("model.softcap", 10**400)
