@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import ConfigError, ModelConfig, RecurrenceConfig
+from .config import (MAX_BATCH, MAX_BUDGET, MAX_SEED, MAX_SEQ_LEN, MAX_VOCAB, ConfigError, ModelConfig,
+                     RecurrenceConfig, check_bool, check_icl, check_int, check_number, check_optim, from_mapping,
+                     short_repr)
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
 from .evaluate import evaluate_bpb
 from .flops import mean_flops_per_token, peak_flops, run_flops_per_token, training_flops
@@ -77,14 +80,59 @@ class TrainConfig:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
+            self.optim = from_mapping(OptimConfig, self.optim, "optim")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**d)
+        return from_mapping(cls, d, "config")
+
+    def validate(self) -> "TrainConfig":
+        """Every field's type and range, before anything is built: a JSON config can hold any type, and a
+        flag any number (inf, nan). Raises a one-line ConfigError naming the field."""
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"model={short_repr(self.model)} must be a mapping of model settings")
+        self.model.validate()
+        if not isinstance(self.optim, OptimConfig):
+            raise ConfigError(f"optim={short_repr(self.optim)} must be a mapping of optimiser settings")
+        check_optim(self.optim)
+        for name in ("corpus", "tokenizer", "device", "dtype"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name}={short_repr(getattr(self, name))} must be a non-empty string")
+        bpe = re.fullmatch(r"bpe:([0-9]{1,9})", self.tokenizer)
+        if self.tokenizer != "byte" and not (bpe and 258 <= int(bpe.group(1)) <= MAX_VOCAB):
+            raise ConfigError(f"tokenizer={short_repr(self.tokenizer)} is not allowed; use 'byte' or 'bpe:N' with "
+                              f"258 <= N <= {MAX_VOCAB} (e.g. 'bpe:32768')")
+        check_int("batch_size", self.batch_size, 1, MAX_SEQ_LEN)
+        if self.total_batch_tokens is not None:
+            check_int("total_batch_tokens", self.total_batch_tokens, 1, MAX_BATCH)
+        budgets = {k: getattr(self, k) for k in MAX_BUDGET if getattr(self, k) is not None}
+        if len(budgets) != 1:
+            raise ConfigError("give exactly one budget: tokens, flops or tokens_per_param")
+        for name, value in budgets.items():
+            check_number(name, value, low=0, low_open=True, high=MAX_BUDGET[name])
+        check_int("eval_every", self.eval_every, 0, MAX_BATCH)
+        check_int("eval_tokens", self.eval_tokens, 1, MAX_BATCH)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError, TypeError):
+                raise ConfigError(f"device={short_repr(self.device)} is not a device; use auto, cpu, cuda or "
+                                  "cuda:N") from None
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"dtype={short_repr(self.dtype)} is not allowed; choose one of auto, float32, bfloat16")
+        check_bool("compile", self.compile)
+        check_bool("progress", self.progress)
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ConfigError(f"checkpoint_dir={short_repr(self.checkpoint_dir)} must be a path (a string) or null")
+        check_int("checkpoint_every", self.checkpoint_every, 0, MAX_BATCH)
+        if self.stop_after_steps is not None:
+            check_int("stop_after_steps", self.stop_after_steps, 0, MAX_BATCH)
+        check_icl(self.icl)
+        return self
 
 
 Callback = Callable[[dict], None]
@@ -157,9 +205,60 @@ class Progress:
             sys.stderr.write("\n")
 
 
+class Diverged(RuntimeError):
+    """The training loss became non-finite. `str(exc)` is one line: the step, the loss and the likely
+    cause. Deterministic (same config, seed and data diverge the same way), so not worth a retry."""
+
+    def __init__(self, step: int, reason: str, cause: str = "unknown"):
+        super().__init__(reason)
+        self.step = step  # the optimiser step whose loss was non-finite (0 = before any update)
+        self.reason = reason
+        self.cause = cause  # loss_weights | learning_rate | setting | data
+
+
+_LR_FIELDS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "lr_scale")
+
+
+def _not_finite(value) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v) for v in values)
+
+
+def divergence_cause(cfg: TrainConfig, mcfg: ModelConfig, step: int, first: tuple[int, float] | None,
+                     last: tuple[int, float] | None) -> tuple[str, str]:
+    """(cause key, "likely cause: ..." text) for a non-finite loss at `step`, from what can be checked
+    without the parameters (the diverging update has already been applied to them): the settings, whether
+    any update has happened yet, and the losses before (`first`, `last`: (step, loss) seen in this run)."""
+    rec = mcfg.recurrence
+    if rec is not None and _not_finite(rec.loss_weights):
+        return "loss_weights", (f"likely cause: the loss weights: recurrence.loss_weights={rec.loss_weights} "
+                                "has a non-finite entry; give finite weights >= 0")
+    o = cfg.optim
+    for name in _LR_FIELDS + ("warmup_frac", "warmdown_frac", "final_lr_frac"):
+        if _not_finite(getattr(o, name)):
+            return "learning_rate", (f"likely cause: the learning rates: optim.{name}={getattr(o, name)} is not "
+                                     "finite; give a finite value")
+    settings = [(f"optim.{k}", getattr(o, k)) for k in ("adam_betas", "weight_decay")]
+    settings += [(f"model.{k}", getattr(mcfg, k)) for k in ("softcap", "rope_base")]
+    settings += [("recurrence.gamma_init", rec.gamma_init)] if rec is not None else []
+    for name, value in settings:
+        if _not_finite(value):
+            return "setting", f"likely cause: a setting: {name}={value} is not finite; give a finite value"
+    if step == 0:  # no update yet: the learning rates cannot have done it
+        return "data", ("likely cause: the data or the model settings, not the learning rates (no update has "
+                        f"been applied and every setting is finite): check the corpus {cfg.corpus!r} and tokenizer "
+                        f"{cfg.tokenizer!r}, then the model and recurrence settings")
+    lrs = ", ".join(f"{k}={getattr(o, k):g}" for k in _LR_FIELDS)
+    seen = [p for p in dict.fromkeys((first, last)) if p is not None]
+    trend = "; train loss " + ", ".join(f"{loss:.4g} at step {s}" for s, loss in seen) if seen else ""
+    return "learning_rate", (f"likely cause: the learning rates (optim.{lrs}): lower them (optim.lr_scale) "
+                             f"or lengthen warm-up (optim.warmup_frac={o.warmup_frac:g}){trend}")
+
+
 def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     """Train one model; returns the final metrics (also passed to the callback
-    as {"event": "done", ...}). Events: "eval", "checkpoint", "done"."""
+    as {"event": "done", ...}). Events: "eval", "checkpoint", "done", and
+    "diverged" (step, tokens, reason, cause) just before `Diverged` is raised."""
     emit = callback or (lambda event: None)
     t_start = time.time()
     rank, world = _rank_world()
@@ -253,6 +352,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     progress.tokens_per_step = total_batch
     model.train()
     stop_at = min(total_steps, cfg.stop_after_steps) if cfg.stop_after_steps is not None else total_steps
+    first_loss = None  # (step, loss) of this process's first step: the trend a divergence reports
     while step < stop_at:
         t0 = time.time()
         set_schedule(optimizers, step, total_steps, cfg.optim)
@@ -269,9 +369,24 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        last_loss = float(loss_sum) / grad_accum
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower the learning rates")
+        # the step's one host sync, as before; checked after the update so the optimiser's launches still
+        # overlap backward: the diverging update is applied, but nothing is saved after it
+        loss_now = float(loss_sum) / grad_accum
+        seen = loss_now
+        if world > 1:  # every rank stops at the same step: a rank left in the next all-reduce would wait forever
+            flag = torch.tensor([loss_now], dtype=torch.float64, device=device)
+            dist.all_reduce(flag)
+            seen = flag.item()
+        if not math.isfinite(seen):
+            progress.close()
+            last = (step - 1, last_loss) if math.isfinite(last_loss) else None
+            cause, why = divergence_cause(cfg, mcfg, step, first_loss, last)
+            where = "" if math.isfinite(loss_now) == math.isfinite(seen) or world == 1 else " on another rank"
+            reason = f"diverged at step {step}: train loss is {seen}{where}; {why}"
+            emit({"event": "diverged", "step": step, "tokens": step * total_batch, "reason": reason, "cause": cause})
+            raise Diverged(step, reason, cause)
+        last_loss = loss_now
+        first_loss = first_loss or (step, loss_now)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.time() - t0
@@ -354,9 +469,24 @@ class _null:
 # Command line
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is a one-line ConfigError (main prints it, exit code 2), not argparse's usage and SystemExit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{' '.join(message.split())} (see --help)")
+
+
+def _json_schedule(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise argparse.ArgumentTypeError(f"{short_repr(text)} is not JSON; give e.g. "
+                                         "\"[[0.0, 2], [0.6, 4]]\"") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lrt_model.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m lrt_model.train", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON file with a TrainConfig (flags given on the command line override it)")
     m = p.add_argument_group("model")
     m.add_argument("--depth", type=int, default=4)
@@ -376,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refresh-kv", action="store_true")
     r.add_argument("--detach", action="store_true")
     r.add_argument("--loss-weights", type=float, nargs="+", default=None)
-    r.add_argument("--passes-schedule", type=json.loads, default=None,
+    r.add_argument("--passes-schedule", type=_json_schedule, default=None,
                    help='JSON [[fraction, passes], ...], e.g. "[[0.0, 2], [0.6, 4], [0.9, 8]]"; --passes = the last value')
     r.add_argument("--recompute-mlp", action="store_true",
                    help="passes after pass 0 recompute their MLP activations in backward (less memory, ~5%% more compute)")
@@ -413,10 +543,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config(path: str) -> TrainConfig:
+    """A TrainConfig from a JSON file (`--config`), validated; every problem is one ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: more than {MAX_CONFIG_BYTES} bytes; a config is a small JSON file")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSON syntax, not UTF-8, nested too deeply
+        raise ConfigError(f"--config {path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    try:
+        return TrainConfig.from_dict(data).validate()
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The validated TrainConfig the command line asks for (ConfigError: one line naming the field)."""
     if args.config:
-        with open(args.config) as f:
-            return TrainConfig.from_dict(json.load(f))
+        return read_config(args.config)
     rec = None
     if args.strategy:
         rec = RecurrenceConfig(
@@ -430,8 +582,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     optim = OptimConfig(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                         unembedding_lr=args.unembedding_lr, warmdown_frac=args.warmdown_frac, muon=args.muon,
                         lr_scale=args.lr_scale)
-    budget = {"tokens": int(args.tokens) if args.tokens is not None else None, "flops": args.flops,
-              "tokens_per_param": args.tokens_per_param}
+    tokens = args.tokens
+    if tokens is not None and math.isfinite(tokens):  # inf and nan stay floats, for validate() to name
+        tokens = int(tokens)
+    budget = {"tokens": tokens, "flops": args.flops, "tokens_per_param": args.tokens_per_param}
     if all(v is None for v in budget.values()):
         budget["tokens_per_param"] = 10.0
     icl = {"evals": []} if args.no_icl else {}
@@ -445,7 +599,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         stop_after_steps=args.stop_after_steps, progress=not args.quiet, **budget,
-    )
+    ).validate()
 
 
 def _print_eval(event: dict) -> None:
@@ -456,13 +610,16 @@ def _print_eval(event: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         cfg = config_from_args(args)
         metrics = train(cfg, callback=None if args.quiet else _print_eval)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:  # its own code: a rerun with the same settings diverges again
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -13,6 +13,11 @@ Design choices:
   logged their view count; every other trial is listed under `excluded` with
   its reason, and every pair that lacks a usable partner under `unmatched`.
   Nothing is dropped silently.
+- Diverged trials (tag diverged=true: the loss became non-finite, the trainer's
+  one-line reason in failure_reason) are listed apart from other failures
+  (`diverged`, counts `diverged` vs `failed`), their pairs say which arm and
+  seed diverged at which step and why, and a comparison that lost seeds to
+  divergence carries a WARNING: its verdict covers only the seeds that trained.
 - Per (budget, arm): mean and sample std (ddof=1) over seeds. Per (budget, LRT
   arm): paired differences d_i = LRT_i - baseline_i matched by `pair_id`,
   relative differences d_i / baseline_i; mean with a 95% confidence interval
@@ -369,7 +374,10 @@ def trial_record(run: dict) -> dict:
     if bpb is None and "val_bpb" in m:
         bpb, view = m["val_bpb"], "val_bpb (logged view)"
     problem = None
-    if run["status"] != "FINISHED":
+    diverged = _divergence(tags, m)
+    if diverged:
+        problem = diverged["reason"]
+    elif run["status"] != "FINISHED":
         reason = tags.get("failure_reason")
         problem = f"run {run['status']}" + (f": {reason}" if reason else "")
     elif bpb is None:
@@ -379,6 +387,7 @@ def trial_record(run: dict) -> dict:
     tokens, params = _float(m.get("tokens")), _float(m.get("params"))
     return {
         "run_id": run["run_id"], "name": run.get("name"), "status": run["status"], "problem": problem,
+        "diverged": diverged is not None, "diverged_step": (diverged or {}).get("step"),
         "arm": tags.get("arm", "?"), "budget_id": tags.get("budget_id", "?"), "pair_id": tags.get("pair_id"),
         "seed": tags.get("seed"), "strategy": strategy, "lrt": lrt, "matching": tags.get("matching"),
         "view": view, "val_bpb": _float(bpb), "flops": _float(m.get("flops")), "tokens": tokens, "params": params,
@@ -388,6 +397,27 @@ def trial_record(run: dict) -> dict:
         "trial_number": tags.get("trial_number"), "start_time": run.get("start_time"),
         "search": tags.get("search") == "true", "tuning": _tuning_tag(tags.get("tuning")),
     }
+
+
+_DIVERGED_AT = re.compile(r"diverged at step (\d+)")
+
+
+def _divergence(tags: dict, metrics: dict) -> dict | None:
+    """{"step", "reason"} of a trial tagged diverged=true (None otherwise). The reason is the trainer's one
+    line ("diverged at step N: ...") from failure_reason, with any exception-name prefix cut off; the step
+    from a diverged_step tag or metric, else from that line."""
+    if tags.get("diverged") != "true":
+        return None
+    reason = (tags.get("failure_reason") or "").strip()
+    at = reason.find("diverged at step")
+    reason = (reason[at:] if at > 0 else reason).split("\n")[0].strip()
+    step = tags.get("diverged_step", metrics.get("diverged_step"))
+    if step is None and _DIVERGED_AT.match(reason):
+        step = _DIVERGED_AT.match(reason).group(1)
+    step = int(float(step)) if step is not None else None
+    if not reason.startswith("diverged"):  # no trainer line: say what is known
+        reason = "diverged" + (f" at step {step}" if step is not None else "") + (f": {reason}" if reason else "")
+    return {"step": step, "reason": reason}
 
 
 def _tuning_tag(raw: str | None) -> dict | None:
@@ -426,7 +456,18 @@ def _by_pair(trials: list[dict]) -> dict:
 
 
 def _why(t: dict | None, role: str) -> str:
-    return f"{role} run missing" if t is None else f"{role} run {t['run_id'][:8]}: {t['problem']}"
+    if t is None:
+        return f"{role} run missing"
+    if t["diverged"]:  # "<arm> seed <s> diverged at step N (the trainer's reason)"
+        head = f"diverged at step {t['diverged_step']}" if t["diverged_step"] is not None else "diverged"
+        detail = t["problem"][len(head):].lstrip(": ") if t["problem"].startswith(head) else t["problem"]
+        return f"{role} seed {t['seed']} {head} (run {t['run_id'][:8]}" + (f": {detail})" if detail else ")")
+    return f"{role} run {t['run_id'][:8]}: {t['problem']}"
+
+
+def diverged_entry(t: dict, tuning_trial: bool = False) -> dict:
+    return {k: t[k] for k in ("run_id", "name", "arm", "budget_id", "pair_id", "seed", "status")} | {
+        "step": t["diverged_step"], "reason": t["problem"], "tuning_trial": tuning_trial}
 
 
 def _budget_order(trials: list[dict]) -> list[str]:
@@ -443,8 +484,13 @@ def build_report(data: dict, effect: float = DEFAULT_EFFECT) -> dict:
     sweep = data["sweep"]
     trials = [trial_record(r) for r in data["trials"] if r["tags"].get("tuning_trial") != "true"]  # tuning: unpaired
     usable = [t for t in trials if t["problem"] is None]
-    excluded = [{k: t[k] for k in ("run_id", "name", "arm", "budget_id", "pair_id", "seed", "status", "problem")}
+    excluded = [{k: t[k] for k in ("run_id", "name", "arm", "budget_id", "pair_id", "seed", "status", "problem",
+                                   "diverged", "diverged_step")}
                 for t in trials if t["problem"] is not None]
+    diverged = [diverged_entry(t) for t in trials if t["diverged"]]
+    # tuning trials are never paired, but a setting that diverged belongs to the story of how an arm was tuned
+    tuning_diverged = [diverged_entry(trial_record(r), tuning_trial=True) for r in data["trials"]
+                       if r["tags"].get("tuning_trial") == "true" and r["tags"].get("diverged") == "true"]
     groups = defaultdict(list)
     for t in usable:
         groups[(t["budget_id"], t["arm"])].append(t)
@@ -468,10 +514,13 @@ def build_report(data: dict, effect: float = DEFAULT_EFFECT) -> dict:
         "power": {"alpha": ALPHA, "power": POWER, "effect_relative": effect, "max_seeds": MAX_SEEDS,
                   "method": POWER_METHOD},
         "counts": {"trials": len(trials), "usable": len(usable), "excluded": len(excluded),
+                   "diverged": len(diverged),  # apart from failed: deterministic, a retry diverges again
+                   "diverged_tuning": len(tuning_diverged),
+                   "failed": sum(t["status"] == "FAILED" and not t["diverged"] for t in trials),
                    "comparisons": len(comparisons), "unmatched": len(unmatched),
                    **{f"status_{s}": n for s, n in sorted(_count(t["status"] for t in trials).items())}},
         "budgets": budgets, "arms": arms, "comparisons": comparisons, "scaling": scaling,
-        "unmatched": unmatched, "excluded": excluded, "notes": notes,
+        "unmatched": unmatched, "excluded": excluded, "diverged": diverged + tuning_diverged, "notes": notes,
         "trials": [{k: v for k, v in t.items() if k != "start_time"} for t in trials],
     }
     if report["sweep_kind"] == "search" or any(t["search"] for t in trials):
@@ -525,11 +574,13 @@ def _comparisons(trials: list[dict], arms: list[dict], budgets: list[str],
                     reasons = ["no baseline arm at this budget"] + reasons[1:]
                 unmatched.append({"budget_id": budget, "arm": arm, "baseline_arm": base_arm, "pair_id": pid,
                                   "seed": (l or b)["seed"], "baseline_run": b and b["run_id"],
-                                  "lrt_run": l and l["run_id"], "reason": "; ".join(reasons)})
+                                  "lrt_run": l and l["run_id"], "reason": "; ".join(reasons),
+                                  "diverged": [diverged_entry(t) for t in (b, l) if t is not None and t["diverged"]]})
             if (budget, arm) in summary:  # an arm with no usable run has only unmatched entries
                 c = _comparison(budget, arm, base_arm, pairs, summary.get((budget, base_arm)),
                                 summary[(budget, arm)], effect)
                 c["tuning"] = tuning_summary(list(base.values()) if base_arm else None, list(lrt.values()), n_search)
+                c["diverged"] = [diverged_entry(t) for t in [*base.values(), *lrt.values()] if t["diverged"]]
                 comparisons.append(c)
     return comparisons, unmatched, notes
 
@@ -636,7 +687,7 @@ def search_summary(data: dict, trials: list[dict]) -> dict:
         v = t["val_bpb"] if t["problem"] is None else None
         best = v if v is not None and (best is None or v < best) else best
         history.append({"order": i, "run_id": t["run_id"], "name": t["name"], "arm": t["arm"],
-                        "status": t["status"], "val_bpb": v, "best_so_far": best})
+                        "status": t["status"], "diverged": t["diverged"], "val_bpb": v, "best_so_far": best})
     done = [t for t in order if t["problem"] is None]
     rows = [(_search_params(runs[t["run_id"]]["params"]), t["val_bpb"]) for t in done]
     importance, method = param_importance(rows)
@@ -811,11 +862,18 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
               "pairs", "verdict", "MDE (80%)", _seeds_label(report), "FLOPs", "tokens", "params", "tok/param",
               "interleave gap", "compute x"] + icl
     comps = {(c["budget_id"], c["arm"]): c for c in report["comparisons"]}
+    diverged = _diverged_by_arm(report)
     rows = []
-    for a in report["arms"]:
+    for a in _arm_rows(report):
         c = comps.get((a["budget_id"], a["arm"]))
+        n_div = len(diverged.get((a["budget_id"], a["arm"]), []))
+        if a["n"] == 0:  # every seed of this arm diverged: a row that says so, nothing to compare
+            rows.append([a["budget_id"], a["arm"], "", f"0 (+{n_div} diverged)", "all diverged"]
+                        + [""] * (len(header) - 5))
+            continue
         rows.append([
-            a["budget_id"], a["arm"], a["view"], str(a["n"]), _pm(a["val_bpb"]),
+            a["budget_id"], a["arm"], a["view"], str(a["n"]) + (f" (+{n_div} diverged)" if n_div else ""),
+            _pm(a["val_bpb"]),
             _with_ci(c["delta"]) if c else "", _with_ci(c["relative"], 100, 2, "%") if c else "",
             str(c["n_pairs"]) if c else "", c["verdict"] if c else "", _mde(c) if c else "",
             _seeds(c) if c else "", f"{a['flops']:.3g}" if a["flops"] else "n/a", _si(a["tokens"]),
@@ -823,6 +881,52 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
             _mult(c["compute_multiplier"]) if c else "",
         ] + [_pm(a["icl"].get(k)) for k in icl])
     return header, rows
+
+
+def _diverged_by_arm(report: dict) -> dict:
+    """(budget_id, arm) -> the grid trials of that arm that diverged (tuning trials are never rows)."""
+    out = defaultdict(list)
+    for d in report.get("diverged", []):
+        if not d.get("tuning_trial"):
+            out[(d["budget_id"], d["arm"])].append(d)
+    return out
+
+
+def _arm_rows(report: dict) -> list[dict]:
+    """The arms in table order, plus a stub (n = 0) for each arm whose every run diverged."""
+    have = {(a["budget_id"], a["arm"]) for a in report["arms"]}
+    stubs = [{"budget_id": b, "arm": arm, "n": 0} for (b, arm) in _diverged_by_arm(report) if (b, arm) not in have]
+    if not stubs:
+        return report["arms"]
+    budgets = report["budgets"]
+    key = lambda a: (budgets.index(a["budget_id"]) if a["budget_id"] in budgets else len(budgets),  # noqa: E731
+                     a["arm"] != "baseline", a["arm"])
+    return sorted(report["arms"] + stubs, key=key)
+
+
+def _seed_list(entries: list[dict]) -> str:
+    return ", ".join(f"{d['arm']} seed {d['seed']} at step {d['step'] if d['step'] is not None else '?'}"
+                     for d in entries)
+
+
+def _diverged_notes(report: dict) -> list[str]:
+    lines = []
+    for c in report["comparisons"]:
+        if c.get("diverged"):
+            lines.append(f"WARNING diverged {c['budget_id']}/{c['arm']}: {_seed_list(c['diverged'])}; the verdict "
+                         f"covers only the {c['n_pairs']} pair(s) where both arms trained")
+    have = {(a["budget_id"], a["arm"]) for a in report["arms"]}
+    for (b, arm), entries in _diverged_by_arm(report).items():
+        if (b, arm) not in have:
+            lines.append(f"WARNING diverged {b}/{arm}: every run of the arm diverged ({_seed_list(entries)}); "
+                         "nothing to compare")
+    told = {d["run_id"] for u in report["unmatched"] for d in u.get("diverged", [])}
+    for d in report.get("diverged", []):
+        if d["run_id"] in told:  # its unmatched line already gives the reason
+            continue
+        what = "diverged (tuning trial)" if d.get("tuning_trial") else "diverged"
+        lines.append(f"{what}: {d['name']} ({d['arm']}, budget {d['budget_id']}, seed {d['seed']}): {d['reason']}")
+    return lines
 
 
 def _notes(report: dict) -> list[str]:
@@ -860,8 +964,11 @@ def _notes(report: dict) -> list[str]:
     for u in report["unmatched"]:
         lines.append(f"unmatched: budget {u['budget_id']} arm {u['arm']} pair {u['pair_id']} "
                      f"(seed {u['seed']}): {u['reason']}")
+    lines += _diverged_notes(report)
     for e in report["excluded"]:
-        lines.append(f"excluded: {e['name']} ({e['arm']}, budget {e['budget_id']}, seed {e['seed']}): {e['problem']}")
+        if not e.get("diverged"):  # a diverged run has its own line above
+            lines.append(f"excluded: {e['name']} ({e['arm']}, budget {e['budget_id']}, seed {e['seed']}): "
+                         f"{e['problem']}")
     s = report.get("search")
     if s:
         if s["best"]:
@@ -888,8 +995,8 @@ def _tuning_line(c: dict) -> str:
 def _title(report: dict) -> str:
     c = report["counts"]
     return (f"experiment {report['experiment']} | sweep {report['sweep_name']} ({report['sweep_run_id']}, "
-            f"{report['sweep_status']}) | {c['trials']} trials, {c['usable']} usable, {c['excluded']} excluded, "
-            f"{c['unmatched']} unmatched pairs")
+            f"{report['sweep_status']}) | {c['trials']} trials, {c['usable']} usable, {c['excluded']} excluded"
+            + (f" ({c['diverged']} diverged)" if c.get("diverged") else "") + f", {c['unmatched']} unmatched pairs")
 
 
 def format_report(report: dict, fmt: str = "table") -> str:
@@ -919,23 +1026,31 @@ def _csv(report: dict) -> str:
             "delta_ci_low", "delta_ci_high", "relative_mean", "relative_ci_low", "relative_ci_high", "verdict", "mde",
             "mde_relative", "seeds_needed", "flops",
             "tokens", "params", "tokens_per_param", "interleave_gap_mean", "compute_multiplier",
-            "compute_multiplier_method", "compute_multiplier_extrapolated"] + [f"{k}_mean" for k in icl] + ["unmatched"]
+            "compute_multiplier_method", "compute_multiplier_extrapolated"] + [f"{k}_mean" for k in icl] + [
+            "unmatched", "n_diverged", "diverged"]
     comps = {(c["budget_id"], c["arm"]): c for c in report["comparisons"]}
+    diverged = _diverged_by_arm(report)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
-    for a in report["arms"]:
+    for a in _arm_rows(report):
         c = comps.get((a["budget_id"], a["arm"]))
+        div = diverged.get((a["budget_id"], a["arm"]), [])
+        un = [u["reason"] for u in report["unmatched"] if u["budget_id"] == a["budget_id"] and u["arm"] == a["arm"]]
+        if a["n"] == 0:  # every run of this arm diverged
+            w.writerow([a["budget_id"], a["arm"]] + [""] * 2 + [0] + [""] * (len(cols) - 8)
+                       + [" | ".join(un), len(div), " | ".join(d["reason"] for d in div)])
+            continue
         d, r = (c["delta"], c["relative"]) if c else ({"mean": None, "ci95": None}, {"mean": None, "ci95": None})
         m = (c or {}).get("compute_multiplier") or {}
-        un = [u["reason"] for u in report["unmatched"] if u["budget_id"] == a["budget_id"] and u["arm"] == a["arm"]]
         w.writerow([a["budget_id"], a["arm"], a["strategy"], a["view"], a["n"],
                     a["val_bpb"]["mean"], a["val_bpb"]["std"],
                     c["n_pairs"] if c else "", d["mean"], *(d["ci95"] or ["", ""]), r["mean"], *(r["ci95"] or ["", ""]),
                     *[(c or {}).get(k) for k in ("verdict", "mde", "mde_relative", "seeds_needed")],
                     a["flops"], a["tokens"], a["params"], a["tokens_per_param"],
                     (a["interleave_gap"] or {}).get("mean"), m.get("value"), m.get("method"), m.get("extrapolated"),
-                    *[(a["icl"].get(k) or {}).get("mean") for k in icl], " | ".join(un)])
+                    *[(a["icl"].get(k) or {}).get("mean") for k in icl], " | ".join(un),
+                    len(div), " | ".join(d["reason"] for d in div)])
     return buf.getvalue()
 
 

@@ -224,6 +224,8 @@ def event_records(event: dict) -> tuple[list[tuple[str, float, int]], dict[str, 
     """A trainer event as MLflow points (key, value, step) and tags. eval/done: every finite number at
     step = tokens seen (done also tags `finished`); checkpoint: `checkpoint_step` and tags naming it."""
     kind = event.get("event")
+    if kind == "diverged":  # the reason goes in failure_reason when the run ends
+        return [], {"diverged": "true", "diverged_step": str(event.get("step", ""))}
     if kind == "checkpoint":
         step = int(event.get("step", 0))
         return [("checkpoint_step", float(step), step)], {

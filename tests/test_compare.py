@@ -418,6 +418,76 @@ def test_search_sweep_tuning_is_unequal():
         in cmp.format_report(report)
 
 
+DIVERGED = ("Diverged: diverged at step 37: train loss is nan; likely cause: the learning rates (optim.matrix_lr=0.02, "
+            "embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.1, lr_scale=8): lower them (optim.lr_scale) or "
+            "lengthen warm-up (optim.warmup_frac=0.01)")
+
+
+def _diverged(run: dict, reason: str | None = DIVERGED, **tags) -> dict:
+    """A trial as the sweep records a divergence: FAILED, tagged diverged=true, the trainer's line as the reason."""
+    tags = {**run["tags"], "diverged": "true", "finished": "false", **tags}
+    if reason is not None:
+        tags["failure_reason"] = reason
+    return dict(run, status="FAILED", metrics={}, tags=tags)
+
+
+def test_diverged_trials_are_listed_apart_from_failures():
+    runs = [_run("baseline", "b0", s, 2.30 + 0.01 * s, 1e15) for s in range(3)]
+    runs += [_run("lrt", "b0", s, 2.25 + 0.01 * s, 1e15) for s in (0, 2)] + [_diverged(_run("lrt", "b0", 1, 0, 1e15))]
+    runs += [_diverged(_run("wild", "b0", s, 0, 1e15), None, diverged_step=str(3 + s)) for s in range(2)]
+    runs += [dict(_run("oom", "b0", 0, 0, 1e15), status="FAILED", tags={**_run("oom", "b0", 0, 0, 1e15)["tags"],
+                                                                         "failure_reason": "OutOfMemoryError"})]
+    runs += [_diverged(_run("lrt", "b0", 9, 0, 1e15), tuning_trial="true", pair_id="")]
+    report = _report(runs)
+
+    c = report["counts"]
+    assert (c["diverged"], c["failed"], c["diverged_tuning"], c["status_FAILED"]) == (3, 1, 1, 4)
+    line = DIVERGED[len("Diverged: "):]  # the exception's name is cut off: the trainer's one line remains
+    by_run = {d["run_id"]: d for d in report["diverged"]}
+    assert by_run["b0-lrt-1"]["step"] == 37 and by_run["b0-lrt-1"]["reason"] == line
+    assert by_run["b0-wild-0"]["reason"] == "diverged at step 3" and by_run["b0-lrt-9"]["tuning_trial"]
+    [comp] = [x for x in report["comparisons"] if x["arm"] == "lrt"]
+    assert comp["n_pairs"] == 2 and [d["run_id"] for d in comp["diverged"]] == ["b0-lrt-1"]
+    assert all(x["arm"] != "wild" for x in report["comparisons"])  # nothing trained: no comparison, but listed
+    unmatched = {(u["arm"], u["pair_id"]): u for u in report["unmatched"]}
+    why = unmatched[("lrt", "b0-s1")]["reason"]
+    assert why.startswith("lrt seed 1 diverged at step 37 (run b0-lrt-1: train loss is nan; likely cause: the learning")
+    assert unmatched[("wild", "b0-s0")]["diverged"][0]["step"] == 3
+    assert {e["run_id"]: e["diverged"] for e in report["excluded"]} == {
+        "b0-lrt-1": True, "b0-wild-0": True, "b0-wild-1": True, "b0-oom-0": False}
+
+    table = cmp.format_report(report)
+    assert "4 excluded (3 diverged)" in table.splitlines()[0]
+    rows = {r.split()[1]: r for r in table.splitlines()[3:] if r.startswith("b0 ")}
+    assert "2 (+1 diverged)" in rows["lrt"] and "0 (+2 diverged)  all diverged" in rows["wild"]
+    assert ("WARNING diverged b0/lrt: lrt seed 1 at step 37; the verdict covers only the 2 pair(s) where both arms "
+            "trained") in table
+    assert "WARNING diverged b0/wild: every run of the arm diverged (wild seed 0 at step 3, wild seed 1 at step 4)" \
+        in table
+    assert f"diverged (tuning trial): lrt-b0-s9 (lrt, budget b0, seed 9): {line}" in table
+    assert "excluded: oom-b0-s0 (oom, budget b0, seed 0): run FAILED: OutOfMemoryError" in table
+    assert "excluded: lrt-b0-s1" not in table
+    assert table.count(line[len("diverged at step 37"):]) == 2  # its unmatched line and the tuning trial's
+    assert "| b0 | wild |  | 0 (+2 diverged) | all diverged |" in cmp.format_report(report, "markdown")
+    csv_rows = {r["arm"]: r for r in csv.DictReader(io.StringIO(cmp.format_report(report, "csv")))}
+    assert csv_rows["lrt"]["n_diverged"] == "1" and csv_rows["lrt"]["diverged"] == line
+    assert csv_rows["wild"]["n"] == "0" and csv_rows["wild"]["n_diverged"] == "2"
+    assert csv_rows["baseline"]["n_diverged"] == "0"
+    j = json.loads(cmp.format_report(report, "json"))
+    assert j["counts"]["diverged"] == 3 and j["counts"]["failed"] == 1 and len(j["diverged"]) == 4
+
+
+def test_a_diverged_baseline_leaves_every_arm_with_a_reason():
+    runs = [_run("baseline", "b0", 0, 2.3, 1e15), _diverged(_run("baseline", "b0", 1, 0, 1e15))]
+    runs += [_run(arm, "b0", s, 2.2, 1e15) for arm in ("lrt", "lrt2") for s in (0, 1)]
+    report = _report(runs)
+    for arm in ("lrt", "lrt2"):
+        [u] = [u for u in report["unmatched"] if u["arm"] == arm]
+        assert u["reason"].startswith("baseline seed 1 diverged at step 37 (")
+    assert all([d["arm"] for d in c["diverged"]] == ["baseline"] for c in report["comparisons"])
+    assert "WARNING diverged b0/lrt2: baseline seed 1 at step 37" in cmp.format_report(report)
+
+
 def test_effect_flag_is_checked(capsys):
     assert cmp.main(["--experiment", "x", "--effect", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,6 +1,7 @@
 """The single-run trainer: budgets, evaluation, exact resume, CLI, clear errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ import torch
 from lrt_model import checkpoint as ckpt
 from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
 from lrt_model.flops import training_flops_per_token
-from lrt_model.train import TrainConfig, train
+from lrt_model import train as train_module
+from lrt_model.optim import OptimConfig
+from lrt_model.train import Diverged, TrainConfig, divergence_cause, train
 
 
 def tiny(rec=None, **kw) -> TrainConfig:
@@ -152,6 +155,75 @@ def test_cli_json_is_the_last_line():
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
     assert metrics["steps"] == 5 and "val_bpb_sequential" in metrics
+
+
+# ---------------------------------------------------------------------------
+# Divergence: one line, the likely cause, within one step, nothing saved
+
+
+def test_absurd_learning_rate_diverges_within_one_step(tmp_path, monkeypatch):
+    losses = []
+
+    def recording_loss(*args, **kwargs):  # every step's loss as the trainer computes it (one micro-batch)
+        loss, out = training_loss(*args, **kwargs)
+        losses.append(loss.item())
+        return loss, out
+
+    training_loss = train_module.training_loss
+    monkeypatch.setattr(train_module, "training_loss", recording_loss)
+    events = []
+    with pytest.raises(Diverged) as info:
+        train(tiny(tokens=10 * 4 * 32, eval_every=100, optim=OptimConfig(lr_scale=1e20),
+                   checkpoint_dir=str(tmp_path)), callback=events.append)
+    e = info.value
+    first_bad = next(i for i, x in enumerate(losses) if not math.isfinite(x))
+    assert e.step == first_bad > 0 and len(losses) == first_bad + 1  # stopped at the first non-finite loss
+    assert e.cause == "learning_rate" and str(e) == e.reason and "\n" not in str(e)
+    assert str(e).startswith(f"diverged at step {e.step}: train loss is nan; likely cause: the learning rates")
+    assert "lr_scale=1e+20" in str(e) and f"at step {e.step - 1}" in str(e)  # the settings and the last finite loss
+    assert events[-1] == {"event": "diverged", "step": e.step, "tokens": e.step * 4 * 32, "reason": e.reason,
+                          "cause": "learning_rate"}
+    assert not list(tmp_path.iterdir())  # no checkpoint of the diverged weights to resume from
+
+
+def test_nan_loss_weight_is_named_before_or_at_the_first_step():
+    """Refused by validation (ConfigError) or, should a run get that far, Diverged at step 0 naming it."""
+    with pytest.raises((ConfigError, Diverged)) as info:
+        train(tiny(RecurrenceConfig(strategy="interleaved", passes=2, loss_weights=[1.0, math.nan, 1.0])))
+    assert "loss_weights" in str(info.value) and "\n" not in str(info.value)
+    if isinstance(info.value, Diverged):
+        assert info.value.step == 0 and info.value.cause == "loss_weights"
+
+
+def test_divergence_cause_names_what_can_be_checked():
+    """Non-finite settings first (exact), then: no update yet -> not the learning rates; else the learning rates."""
+    cfg = tiny(RecurrenceConfig(strategy="interleaved", passes=2, loss_weights=[1.0, 1.0, 1.0]))
+    cfg.model.recurrence.loss_weights = [1.0, math.nan, 1.0]  # past validation, as a caller could
+    cause, why = divergence_cause(cfg, cfg.model, 0, None, None)
+    assert cause == "loss_weights" and "recurrence.loss_weights=[1.0, nan, 1.0]" in why
+
+    cfg = tiny()
+    cfg.optim.matrix_lr = math.inf
+    assert divergence_cause(cfg, cfg.model, 1, (0, 5.5), (0, 5.5)) == (
+        "learning_rate", "likely cause: the learning rates: optim.matrix_lr=inf is not finite; give a finite value")
+    cfg = tiny()
+    cfg.model.softcap = math.nan
+    assert divergence_cause(cfg, cfg.model, 0, None, None)[0] == "setting"
+
+    cause, why = divergence_cause(tiny(), tiny().model, 0, None, None)
+    assert cause == "data" and "not the learning rates" in why and "'stdlib'" in why
+    cause, why = divergence_cause(tiny(), tiny().model, 7, (0, 5.5), (6, 9.25))
+    assert cause == "learning_rate" and "lr_scale=1" in why and why.endswith("train loss 5.5 at step 0, 9.25 at step 6")
+
+
+def test_cli_divergence_is_one_line_and_nonzero():
+    r = _cli("--depth", "1", "--head-dim", "16", "--width", "32", "--seq-len", "32", "--batch-size", "4",
+             "--tokens", "1280", "--eval-tokens", "256", "--lr-scale", "1e20", "--quiet", "--no-icl")
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error: diverged at step "), r.stderr
+    assert "likely cause: the learning rates" in lines[0]
 
 
 def _bad_corpora(tmp_path):
