@@ -38,9 +38,25 @@ class CheckpointError(RuntimeError):
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as s3://bucket/prefix: the one
     resolver that data, tokenizers, checkpoints and sweep storage all go through."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    fs, path = pafs.FileSystem.from_uri(uri)
+    # S3 answers 500 InternalError and 503 SlowDown under load; they must be retried with backoff.
+    # Measured (pyarrow 25, the fault proxy of tests/test_s3.py): from_uri's filesystem retries them
+    # every 200 ms and gives up after 6 s, so 8 s of throttling failed a read or a write.
+    # AwsDefaultS3RetryStrategy (10 retries: one at once, then after 0.05 s doubling to 12.8 s, ~25 s in
+    # all) rode it out.
+    # AwsStandardS3RetryStrategy adds jitter, but pyarrow never refills its retry budget: one filesystem
+    # stopped retrying at its 101st fault. from_uri's other settings (endpoint, bucket region, source of
+    # credentials) are kept via __reduce__, unless the URI has a query option S3FileSystem() cannot take.
+    from urllib.parse import parse_qsl, urlsplit
+
+    rebuildable = {"region", "scheme", "endpoint_override", "allow_delayed_open", "allow_bucket_creation",
+                   "allow_bucket_deletion", "tls_ca_file_path"}
+    if (isinstance(fs, pafs.S3FileSystem)
+            and {k for k, _ in parse_qsl(urlsplit(uri).query, keep_blank_values=True)} <= rebuildable):
+        fs = pafs.S3FileSystem(**fs.__reduce__()[1][0], retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=10))
+    return fs, path
 
 
 def save(state: dict, directory: str, name: str = LATEST) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 
 import pyarrow.fs as pafs
@@ -70,12 +71,20 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_json(uri: str) -> dict | None:
+def read_json(uri: str, attempts: int = 6) -> dict | None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+    for attempt in range(attempts):
+        try:
+            with fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+        except OSError:
+            # pyarrow reads an object into a buffer of the object's size, so a 5xx error body longer than a
+            # small object (S3's are ~250 bytes) fails the read instead of being retried by the S3 client
+            if isinstance(fs, pafs.LocalFileSystem) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * 2**attempt)
 
 
 def write_json(uri: str, obj: dict) -> None:

@@ -1,6 +1,7 @@
 """Corpora and checkpoints on S3 (moto server on 127.0.0.1), through pyarrow.fs."""
 
 import os
+import time
 
 import boto3
 import pytest
@@ -8,13 +9,14 @@ import torch
 
 from lrt_model import checkpoint as ckpt
 from lrt_model.config import ModelConfig
-from lrt_model.data import TokenLoader, build_stdlib_corpus, resolve_corpus
+from lrt_model.data import TokenLoader, build_stdlib_corpus, resolve_corpus, validation_rows
 from lrt_model.tokenizer import ByteTokenizer
 from lrt_model.train import TrainConfig, train
+from lrt_platform import storage
 
 
-def _upload_dir(local: str, bucket: str, prefix: str) -> str:
-    s3 = boto3.client("s3")
+def _upload_dir(local: str, bucket: str, prefix: str, endpoint_url: str | None = None) -> str:
+    s3 = boto3.client("s3", endpoint_url=endpoint_url)
     for name in sorted(os.listdir(local)):
         if name.endswith(".parquet"):
             s3.upload_file(os.path.join(local, name), bucket, f"{prefix}/{name}")
@@ -50,3 +52,71 @@ def test_missing_s3_corpus_is_a_clear_error(s3_bucket):
 
     with pytest.raises(DataError, match="does not exist|no .parquet"):
         resolve_corpus(f"s3://{s3_bucket}/nothing-here")
+
+
+# Storage faults: S3 under load answers 500 InternalError and 503 SlowDown (tests.fixtures_s3.FaultProxy
+# injects them between pyarrow and moto). Each test asserts faults were sent, so none passes vacuously.
+
+
+def _progress_record(attempts: int) -> dict:
+    """A sweep progress record (what execution.py keeps in progress.json)."""
+    return {"attempts": [{"started": 1700000000.0 + i, "resumed_from_step": 8 * i or None, "first_eval_step": 4}
+                         for i in range(attempts)], "checkpoint_step": 8 * attempts}
+
+
+def test_transient_s3_errors_are_retried(s3_bucket, s3_endpoint, s3_faults):
+    """Checkpoints, sweep JSON and corpus shards all come through while half of all requests fail."""
+    local = build_stdlib_corpus()
+    corpus = _upload_dir(local, s3_bucket, "corpora/stdlib", endpoint_url=s3_endpoint)  # straight to moto
+    # Half of all requests fail, two in a row (500 then 503), so a request needs up to 3 attempts.
+    s3_faults.fail(every=4, burst=2)
+    faults = {}
+
+    uri = f"s3://{s3_bucket}/runs/trial-1/ckpt"
+    assert ckpt.load(uri) is None
+    ckpt.save({"step": 3, "w": torch.arange(4.0)}, uri)
+    ckpt.save({"step": 5, "w": torch.arange(5.0)}, uri)  # the first becomes previous.pt (a server-side copy)
+    state, previous = ckpt.load(uri), ckpt.load(uri, ckpt.PREVIOUS)
+    assert state["step"] == 5 and torch.equal(state["w"], torch.arange(5.0))
+    assert previous["step"] == 3 and torch.equal(previous["w"], torch.arange(4.0))
+    faults["checkpoint"] = s3_faults.faults
+
+    path = storage.join(f"s3://{s3_bucket}/sweeps/exp", "trials", "t0", "progress.json")
+    assert storage.read_json(path) is None
+    storage.write_json(path, _progress_record(3))  # ~400 bytes; smaller files: the test below
+    assert storage.read_json(path) == _progress_record(3)
+    faults["json"] = s3_faults.faults - faults["checkpoint"]
+
+    loader, reference = (TokenLoader(c, ByteTokenizer(), "train", 32, 4) for c in (corpus, local))
+    for _ in range(3):
+        x, y = loader.next_batch()
+        want_x, want_y = reference.next_batch()
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+    assert torch.equal(validation_rows(corpus, ByteTokenizer(), 32, 8), validation_rows(local, ByteTokenizer(), 32, 8))
+    faults["corpus"] = s3_faults.faults - faults["checkpoint"] - faults["json"]
+
+    assert all(n > 0 for n in faults.values()), faults
+
+
+def test_s3_throttling_outlasting_pyarrows_default_retries(s3_bucket, s3_faults):
+    """8 s of SlowDown on every request: pyarrow's own default (a retry every 200 ms for 6 s) gave up on
+    this read; resolve()'s exponential backoff waits it out."""
+    uri = f"s3://{s3_bucket}/runs/trial-2/ckpt"
+    ckpt.save({"step": 7, "w": torch.ones(3)}, uri)
+    # Throttle a load, not a save: save() starts with create_dir, whose first request is a probe that
+    # pyarrow lets fail silently, so it would hide the first 6 s of an outage from the default retries.
+    s3_faults.outage(8.0)
+    start = time.monotonic()
+    assert ckpt.load(uri)["step"] == 7
+    assert time.monotonic() - start > 8.0 and s3_faults.faults >= 5, s3_faults.faults
+
+
+def test_a_5xx_on_reading_a_small_object_is_retried(s3_bucket, s3_faults):
+    """The S3 client cannot retry this one (the error body is longer than the object); read_json does."""
+    path = f"s3://{s3_bucket}/sweeps/exp/sweep_pending.json"
+    storage.write_json(path, {"parent_run_id": "abc", "status": "FAILED"})
+    s3_faults.fail(every=2, methods={"GET"})  # the first GET, then every other one
+    try:
+        assert storage.read_json(path) == {"parent_run_id": "abc", "status": "FAILED"}
+    finally:
+        assert s3_faults.faults > 0
