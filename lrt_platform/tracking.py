@@ -91,6 +91,9 @@ KIND_TAG = "run_kind"  # "sweep" or "trial"
 TRIAL_TAGS = ("trial_id", "arm", "budget_id", "pair_id", "seed", "matching", "strategy", "depth", "trial_number")
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
+# A training experiment, not MLflow 3's GenAI layout (its UI reads this tag to pick the experiment's pages).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
 # MLflow's limits (mlflow.utils.validation); hard-coded so a limit change shows up as a test failure.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
@@ -414,7 +417,8 @@ class Tracker:
             )
         if exp is None:
             try:
-                return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+                return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location(),
+                                                     tags=EXPERIMENT_TAGS)
             except MlflowException as e:  # another process created it first
                 if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise

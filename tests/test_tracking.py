@@ -344,3 +344,11 @@ def test_log_sweep_summary_tags_metrics_and_artifacts(mlflow_server, tmp_path):
         assert json.load(f) == report
     with open(client.download_artifacts(parent, "comparison.txt", str(tmp_path))) as f:
         assert f.read() == "the table"
+
+
+def test_experiments_are_created_as_model_training_experiments(tmp_path):
+    from lrt_platform.tracking import EXPERIMENT_TAGS, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "kind")
+    tags = tracker.client.get_experiment(tracker.experiment_id()).tags
+    assert tags["mlflow.experimentKind"] == EXPERIMENT_TAGS["mlflow.experimentKind"] == "custom_model_development"
