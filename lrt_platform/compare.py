@@ -1078,11 +1078,14 @@ def _json_safe(x):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lrt_platform.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiment", required=True, help="MLflow experiment name (the sweep spec's experiment)")
+    p.add_argument("spec", nargs="?", default=None,
+                   help="a sweep spec: its experiment and tracking URI (instead of --experiment)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (the sweep spec's experiment)")
     p.add_argument("--sweep", default=None, help="sweep (parent) run id; default: the experiment's latest sweep")
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     p.add_argument("--plots", default=None, help="directory for PNG plots (also logged to the sweep run)")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=None,
+                   help="default: the spec's tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--effect", type=float, default=DEFAULT_EFFECT,
                    help="relative bpb effect the 'seeds for' column is sized for (default 0.02 = 2%%)")
     return p
@@ -1095,6 +1098,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name in ("mlflow", "alembic"):  # keep stdout/stderr to the report or one error line
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.spec:
+        from .spec import SpecError, load_spec
+
+        try:
+            spec = load_spec(args.spec)
+        except SpecError as e:
+            print(f"error: {e}".splitlines()[0], file=sys.stderr)
+            return 2
+        args.experiment = args.experiment or spec.experiment_name
+        args.tracking_uri = args.tracking_uri or spec.tracking.uri
+    if not args.experiment:
+        print("error: give a sweep spec (python -m lrt_platform.compare SPEC.yaml) or --experiment NAME",
+              file=sys.stderr)
+        return 2
     try:
         tracker = Tracker(args.tracking_uri, args.experiment)
         report = build_report(tracker.load_sweep(args.sweep), args.effect)

@@ -73,11 +73,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
 from ray import tune
+
+from lrt_model.train import Diverged
 
 from . import storage
 from .planner import Trial, plan_search_trial, plan_tuning_trial
@@ -90,6 +93,19 @@ TUNE_BASE = "tune_base"  # a tuning trial's template: its arm's grid trial id at
 # Ray Train V2 control-loop knobs: poll workers often and skip the preemption watcher, which cuts the
 # controller's idle waits on small runs (FACTS.md: 28.6 s -> 23.1 s per one-worker trial).
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def _keep_credentials_out_of_ray_logs() -> None:
+    """Ray Tune copies the driver's AWS_* credentials into every trial's runtime_env, and Ray's runtime-env
+    agent writes runtime_envs in plain text to its log in the session folder. Trials take credentials from
+    their own environment instead: a local Ray inherits the driver's, a cluster's nodes have their own
+    (instance profile, IRSA, a secret in the pod spec)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_")}
+
+
+_keep_credentials_out_of_ray_logs()
 
 
 class ResourceError(SpecError):
@@ -217,43 +233,64 @@ def _start_attempt(ctx: SweepContext, trial_id: str) -> dict:
 
 
 class Reporter:
-    """train()'s callback in the fast path: tracker + Tune reports + progress file + fault injection."""
+    """train()'s callback on both execution paths: the trial's outbox, reports to Tune, the progress file
+    and fault injection. `report` is `tune.report` in-process, `ray.train.report` on a TorchTrainer worker
+    (every rank reports each evaluation: it is a barrier). Only rank 0 tracks, writes progress and sees
+    checkpoint events (train() saves on rank 0); a worker cannot report alone, so rank 0 carries the
+    checkpoint's step in its next report instead."""
 
-    def __init__(self, ctx: SweepContext, trial: Trial, outbox, prog: dict):
-        self.ctx, self.trial, self.outbox, self.prog = ctx, trial, outbox, prog
+    def __init__(self, ctx: SweepContext, trial: Trial, outbox, prog: dict, report, rank: int = 0,
+                 world_size: int = 1):
+        self.ctx, self.trial, self.outbox, self.prog, self.report = ctx, trial, outbox, prog, report
+        self.rank, self.world_size = rank, world_size
         self.ident = {"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id,
                       "attempt": len(prog["attempts"])}
         self.last: dict = {}
-        self.final: dict | None = None
+        self.checkpoint: dict = {}
 
     def __call__(self, event: dict) -> None:
-        if self.outbox:
+        if self.outbox and self.rank == 0:
             self.outbox.log_event(event)
         kind = event["event"]
         if kind == "eval":
             self.last = {**scalars(event), **self.ident}
-            self._note_first_eval(event["step"])
-            tune.report(self.last)
+            if self.rank == 0:
+                self._note_first_eval(event["step"])
+            self.report({**self.last, **self.checkpoint})
         elif kind == "checkpoint":
             self.prog["checkpoint_step"] = event["step"]
-            storage.write_json(_progress_path(self.ctx, self.trial.trial_id), self.prog)
-            tune.report({**self.last, "checkpoint_step": event["step"], "checkpoint_path": event["path"]})
+            self._save_progress()
+            self.checkpoint = {"checkpoint_step": event["step"], "checkpoint_path": event["path"]}
+            if self.world_size == 1:
+                self.report({**self.last, **self.checkpoint})
             self._maybe_fault()
+        elif kind == "diverged" and self.rank == 0:  # the Tune function reads it: no retry, a FAILED run
+            self.prog["diverged"] = {"step": event["step"], "reason": event["reason"]}
+            self._save_progress()
         elif kind == "done":
-            self.final = {**scalars(event), **self.ident, "complete": True}
+            resumed = self.prog["attempts"][-1]["resumed_from_step"] or 0
+            self.report({**scalars(event), **self.ident, **self.checkpoint, "complete": True,
+                         "resumed_from_step": resumed})
 
     def _note_first_eval(self, step: int) -> None:
         attempt = self.prog["attempts"][-1]
         if attempt["first_eval_step"] is None:
             attempt["first_eval_step"] = step
-            storage.write_json(_progress_path(self.ctx, self.trial.trial_id), self.prog)
+            self._save_progress()
+
+    def _save_progress(self) -> None:
+        storage.write_json(_progress_path(self.ctx, self.trial.trial_id), self.prog)
 
     def _maybe_fault(self) -> None:
+        """LRT_FAULT_INJECT="<part of a trial id>:<marker file>[:kill]": the matching trial fails once, right
+        after its first checkpoint: an exception, or with `kill` a SIGKILL of its process (a lost worker)."""
         if not self.ctx.fault:
             return
-        target, marker = self.ctx.fault.split(":", 1)
+        target, marker, *mode = self.ctx.fault.split(":", 2)
         if target in self.trial.trial_id and not os.path.exists(marker):
             open(marker, "w").close()
+            if mode == ["kill"]:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault ({FAULT_ENV}) after the first checkpoint of {self.trial.trial_id}")
 
 
@@ -283,6 +320,12 @@ def trial_fn(config: dict, ctx: SweepContext) -> None:
             _run_in_process(trial, ctx, outbox)
         else:
             _run_train_workers(trial, ctx)
+    except Diverged as e:  # deterministic: a retry would diverge again, so the trial ends here, not as an error
+        _end(ctx, trial, "FAILED", str(e))
+        tune.report({"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id, "diverged": True,
+                     "diverged_reason": str(e), "step": e.step, "flops": trial.flops,
+                     _objective(ctx.spec): float("inf")})  # the worst value for searchers and schedulers
+        return
     except SystemExit:  # Tune stops a trial by raising SystemExit(0) in tune.report (e.g. ASHA)
         _end(ctx, trial, "KILLED", "stopped by Tune (a scheduler decision or Ctrl-C)")
         raise
@@ -290,6 +333,12 @@ def trial_fn(config: dict, ctx: SweepContext) -> None:
         _end(ctx, trial, "FAILED", f"{type(e).__name__}: {e}"[:500])
         raise
     _end(ctx, trial, "FINISHED")
+
+
+def _objective(spec: Spec) -> str:
+    """The metric searchers and schedulers compare trials on."""
+    return spec.search.metric if spec.search is not None else spec.tuning.metric if spec.tuning is not None \
+        else "val_bpb"
 
 
 def _end(ctx: SweepContext, trial: Trial, status: str, reason: str | None = None) -> None:
@@ -305,9 +354,7 @@ def _run_in_process(trial: Trial, ctx: SweepContext, outbox) -> None:
 
     torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_worker)))
     prog = _start_attempt(ctx, trial.trial_id)
-    reporter = Reporter(ctx, trial, outbox, prog)
-    train(TrainConfig.from_dict(trial.config), reporter)
-    tune.report({**reporter.final, "resumed_from_step": prog["attempts"][-1]["resumed_from_step"] or 0})
+    train(TrainConfig.from_dict(trial.config), Reporter(ctx, trial, outbox, prog, tune.report))
 
 
 def _run_train_workers(trial: Trial, ctx: SweepContext) -> None:
@@ -319,19 +366,22 @@ def _run_train_workers(trial: Trial, ctx: SweepContext) -> None:
     for k, v in TRAIN_ENV.items():  # set in the Tune function: Train V2 propagates them to controller and workers
         os.environ.setdefault(k, v)
     r = ctx.spec.resources
-    prog = _start_attempt(ctx, trial.trial_id)
+    attempt = len((storage.read_json(_progress_path(ctx, trial.trial_id)) or {"attempts": []})["attempts"]) + 1
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"trial": trial.to_dict(), "ctx": ctx, "attempt": len(prog["attempts"])},
+        train_loop_config={"trial": trial.to_dict(), "ctx": ctx},
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
-            name=f"{trial.trial_id}-a{len(prog['attempts'])}", storage_path=storage.join(ctx.root, "train"),
+            name=f"{trial.trial_id}-a{attempt}", storage_path=storage.join(ctx.root, "train"),
             failure_config=ray.train.FailureConfig(max_failures=ctx.spec.failure.max_failures),
             callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
+    diverged = (storage.read_json(_progress_path(ctx, trial.trial_id)) or {}).get("diverged")
+    if diverged:  # the workers returned quietly (a raise would make Ray Train restart them)
+        raise Diverged(diverged["step"], diverged["reason"])
 
 
 def worker_loop(config: dict) -> None:
@@ -343,27 +393,19 @@ def worker_loop(config: dict) -> None:
 
     ctx: SweepContext = config["ctx"]
     trial = Trial(**config["trial"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     torch.set_num_threads(max(1, int(ctx.spec.resources.cpus_per_worker)))
     outbox = open_outbox(ctx, trial) if rank == 0 else None
-    ident = {"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id, "attempt": config["attempt"]}
-    last: dict = {}
-
-    def callback(event: dict) -> None:
-        nonlocal last
-        if outbox:
-            outbox.log_event(event)
-        if event["event"] == "eval":
-            last = {**scalars(event), **ident}
-            ray.train.report(last)
-        elif event["event"] == "checkpoint":  # rank 0 only (train() saves on rank 0): no collective here
-            prog = storage.read_json(_progress_path(ctx, trial.trial_id)) or {"attempts": []}
-            prog["checkpoint_step"] = event["step"]
-            storage.write_json(_progress_path(ctx, trial.trial_id), prog)
-        elif event["event"] == "done":
-            ray.train.report({**scalars(event), **ident, "complete": True})
-
-    train(TrainConfig.from_dict(trial.config), callback)
+    # rank 0 records each start of the worker group (a Tune retry or a Ray Train restart) as an attempt;
+    # only rank 0's reports reach Tune, so the other ranks need no record
+    prog = _start_attempt(ctx, trial.trial_id) if rank == 0 else \
+        {"attempts": [{"resumed_from_step": None, "first_eval_step": None}], "checkpoint_step": None}
+    reporter = Reporter(ctx, trial, outbox, prog, ray.train.report, rank, context.get_world_size())
+    try:
+        train(TrainConfig.from_dict(trial.config), reporter)
+    except Diverged:  # every rank stops at the same step; rank 0 recorded why for the Tune function
+        return
 
 
 def trainable(ctx: SweepContext):
@@ -440,9 +482,21 @@ def make_searcher(ctx: SweepContext, max_concurrent: int):
     url = study_url(ctx)
     metric, mode = ([s.metric, "flops"], [s.mode, "min"]) if s.multi_objective else (s.metric, s.mode)
     points = [{k: encode_choice(v) for k, v in default_point(ctx.spec).items()}] if s.enqueue_defaults else None
+    _name_objectives(url, study_name(ctx), metric, mode)
     searcher = OptunaSearch(space=SearchSpace(ctx.spec), metric=metric, mode=mode, points_to_evaluate=points,
                             sampler=sampler, study_name=study_name(ctx), storage=optuna.storages.RDBStorage(url))
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def _name_objectives(url: str, name: str, metric, mode) -> None:
+    """Create the study first, with its objectives named (optuna-dashboard shows "Objective 0" otherwise);
+    OptunaSearch then loads it (it creates studies with load_if_exists)."""
+    import optuna
+
+    metrics, modes = ([metric], [mode]) if isinstance(metric, str) else (list(metric), list(mode))
+    directions = ["minimize" if m == "min" else "maximize" for m in modes]
+    study = optuna.create_study(storage=url, study_name=name, directions=directions, load_if_exists=True)
+    study.set_metric_names(metrics)
 
 
 def make_tuning_searcher(ctx: SweepContext, phase: str, template_id: str, max_concurrent: int):
@@ -456,6 +510,7 @@ def make_tuning_searcher(ctx: SweepContext, phase: str, template_id: str, max_co
     sampler = make_sampler(t.sampler, t.seed)
     url = storage.optuna_url(ctx.root, ctx.spec.experiment, ctx.spec_hash)
     first = {k: encode_choice(v) for k, v in tuning_default_point(ctx.spec).items()}
+    _name_objectives(url, f"{study_name(ctx)}-{phase}", t.metric, "min")
     searcher = OptunaSearch(space=TuningSpace(ctx.spec, template_id), metric=t.metric, mode="min",
                             points_to_evaluate=[first], sampler=sampler, study_name=f"{study_name(ctx)}-{phase}",
                             storage=optuna.storages.RDBStorage(url))
@@ -527,7 +582,10 @@ class ProgressLog(tune.Callback):
         r = trial.last_result or {}
         tid = r.get("lrt_trial_id", trial.trial_id)
         bpb = f"val_bpb {r['val_bpb']:.4f}" if isinstance(r.get("val_bpb"), float) else "no eval"
-        if r.get("complete"):
+        if r.get("diverged"):
+            print(f"[sweep] DIVERGED {tid} (not retried: it would diverge again): {r.get('diverged_reason')}",
+                  flush=True)
+        elif r.get("complete"):
             print(f"[sweep] done    {tid}: {bpb}, {r.get('steps')} steps, {r.get('wall_s', 0):.1f}s training",
                   flush=True)
         else:

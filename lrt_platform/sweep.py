@@ -6,7 +6,7 @@ Design choices:
   budgets too small to match, resources the cluster cannot give) fails before
   any trial starts, as ONE line on stderr and exit code 2, no traceback.
 - Where it runs: no --address and no RAY_ADDRESS -> a fresh local Ray (no
-  dashboard: seconds faster to start); RAY_ADDRESS set (inside `ray job
+  dashboard: seconds faster to start; listening on 127.0.0.1 only); RAY_ADDRESS set (inside `ray job
   submit`) or --address auto|ray://... -> that cluster. A Ray already
   initialised in this process (tests) is used as is.
 - A sweep lives in `<storage>/<experiment>/<spec_hash>/`. Grid sweeps run one
@@ -60,6 +60,9 @@ from .spec import Spec, SpecError, load_spec, spec_hash
 from .tracking import Tracker, TrackingError
 
 SWEEP_PENDING = "sweep_tracking.json"  # the sweep run's end, kept while trial records wait for MLflow
+# A local Ray serves this machine only: loopback as its node address (what Ray does on macOS and Windows)
+# makes its servers listen on 127.0.0.1, not on every interface. Ray reads this when it is imported.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +120,7 @@ def run(args) -> int:
     # retries followed by untracked trials
     Tracker(_tracking_uri(spec.tracking.uri), spec.experiment_name).check_reachable()
     _check_existing(spec, root, phases, args)
+    local_ray_on_loopback(args.address)
     from .execution import safe  # Ray is imported only once a sweep really runs: dry runs and errors stay fast
 
     clock = {"start": t_start}
@@ -137,6 +141,7 @@ def run(args) -> int:
         safe("end_sweep", tracker.end_sweep, ctx.parent_run_id, status)
     _report(spec, ctx.tracking_uri, tracker, ctx.parent_run_id, results, clock, slots if not unfinished else 0,
             delivered)
+    _print_next(spec, args.spec, ctx.root, delivered)
     again = f"python -m lrt_platform.sweep {args.spec} --resume"
     if unfinished:
         print(f"[sweep] interrupted with {unfinished} trial(s) unfinished; continue with: {again}", file=sys.stderr)
@@ -247,6 +252,13 @@ def _check_existing(spec: Spec, root: str, phases: list[str], args) -> None:
     elif there and not args.resume:
         raise SpecError(f"a sweep for this spec already exists at {root}; pass --resume to continue it "
                         "or --overwrite to start over")
+
+
+def local_ray_on_loopback(address: str | None) -> None:
+    """Before Ray is imported: a local Ray (no address given) listens on 127.0.0.1 only."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        for k, v in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(k, v)
 
 
 def _connect(address: str | None) -> None:
@@ -377,6 +389,17 @@ def _report(spec: Spec, uri: str, tracker, parent: str | None, results: list, cl
         print(f"orchestration overhead: {o['per_trial_s']:.1f} s/trial ((wall {o['wall_s']:.1f} s - data prep "
               f"{o['data_s']:.1f} s) x {o['slots']} trial slot(s) - {o['train_s']:.1f} s of trial training wall_s, "
               f"over {o['trials']} trials; wall = {parts} s)", flush=True)
+
+
+def _print_next(spec: Spec, spec_path: str, root: str, delivered: bool) -> None:
+    """Where to read the results: the comparison with plots, and the Optuna study when there is one."""
+    lines = [f"python -m lrt_platform.compare {spec_path} --plots plots/"] if delivered else []
+    if spec.search is not None or spec.tuning is not None:
+        url = spec.search.storage if spec.search is not None and spec.search.storage else \
+            storage.optuna_url(root, spec.experiment, spec_hash(spec))
+        lines.append(f"optuna-dashboard {url}   (pip install optuna-dashboard)")
+    if lines:
+        print("next: " + "\n      ".join(lines), flush=True)
 
 
 def _log_comparison(spec: Spec, uri: str, tracker, parent: str | None) -> None:

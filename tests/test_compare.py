@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -588,3 +589,16 @@ def test_sweep_report_prints_verdicts_and_logs_them_to_the_parent_run(mlflow_ser
 def _artifact_text(uri: str, run_id: str, path: str, tmp_path) -> str:
     with open(MlflowClient(uri).download_artifacts(run_id, path, str(tmp_path))) as f:
         return f.read()
+
+
+def test_compare_reads_the_experiment_and_tracking_uri_from_a_spec(tmp_path, capsys):
+    from lrt_platform.compare import main
+
+    root = Path(__file__).resolve().parents[1]
+    spec = tmp_path / "s.yaml"
+    spec.write_text((root / "sweep_specs/tiny/quickstart.yaml").read_text()
+                    + f"tracking: {{uri: 'sqlite:///{tmp_path}/elsewhere.db'}}\n")
+    assert main([str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "'quickstart_tiny' not found" in err and f"{tmp_path}/elsewhere.db" in err and len(err.splitlines()) == 1
+    assert main([]) == 2 and "give a sweep spec" in capsys.readouterr().err

@@ -25,3 +25,14 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_quickstart_spec_exists():
     assert (ROOT / "sweep_specs" / "quickstart.yaml").is_file()
+
+
+def test_every_test_named_in_the_reliability_table_exists():
+    import re
+
+    text = (ROOT / "docs" / "RELIABILITY.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?(?:\[[\w-]+\])?`", text)
+    assert len(named) >= 15
+    for path, name in named:
+        source = (ROOT / path).read_text()
+        assert not name or re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} is not a test"

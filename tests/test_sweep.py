@@ -79,6 +79,7 @@ def test_quickstart_twin_runs_all_trials(ray_cluster, workdir, capsys):
     sweep_data = tracking.Tracker(f"sqlite:///{workdir}/mlflow.db", spec.experiment).load_sweep()
     assert sweep_data["sweep"]["status"] == "FINISHED" and len(sweep_data["trials"]) == 4
     assert "compute x" in out  # the comparison table was printed
+    assert f"next: python -m lrt_platform.compare {spec_path} --plots plots/" in out
 
 
 def test_existing_sweep_needs_resume_or_overwrite(ray_cluster, workdir, capsys):
@@ -184,6 +185,7 @@ def test_tuned_twin_tunes_every_arm_alike(ray_cluster, mlflow_server, workdir, c
     assert sweep.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("[sweep] done") == 2 * spec.tuning.trials + 2
+    assert "optuna-dashboard sqlite:///" in out
     data = Tracker(mlflow_server, experiment).load_sweep()
     tuning = [r for r in data["trials"] if r["tags"].get("tuning_trial") == "true"]
     grid = [r for r in data["trials"] if r["tags"].get("tuning_trial") != "true"]
@@ -208,11 +210,205 @@ def test_tuned_twin_tunes_every_arm_alike(ray_cluster, mlflow_server, workdir, c
             assert float(r["params"][key]) == pytest.approx(value) == pytest.approx(float(winner["params"][key]))
     report = build_report(data)
     assert report["counts"]["trials"] == 2 and not report["unmatched"]  # tuning runs never paired
+    import optuna
+
+    root = storage.sweep_root(str(workdir / "runs"), spec.experiment, spec_hash(spec))
+    study = optuna.load_study(study_name=f"{spec.experiment}-{spec_hash(spec)}-tune-d1-flops8e9-lrt_s2",
+                              storage=storage.optuna_url(root, spec.experiment, spec_hash(spec)))
+    assert study.metric_names == ["val_bpb"] and len(study.trials) == 2  # the dashboard names the objective
     assert report["comparisons"][0]["n_pairs"] == 1
     assert sweep.main(args + ["--resume"]) == 0  # finished phases: their bests come back, nothing re-trains
     out = capsys.readouterr().out
     assert "[sweep] done" not in out
     assert out.count("[sweep] tuned baseline at") == out.count("[sweep] tuned lrt_s2 at") == 1
+
+
+# ---------------------------------------------------------------------------
+# A tracking outage: the server stops mid-sweep, training goes on, nothing is lost
+
+def _timing(key: str) -> bool:
+    """Timings differ between any two runs; every other value must not."""
+    return key == "mfu" or key.endswith(("_s", "_seconds"))
+
+
+def _histories(url: str, experiment: str) -> dict:
+    """{trial_id: {metric: [(step, value), ...]}} of the experiment's latest sweep."""
+    from lrt_platform.tracking import Tracker
+
+    tracker = Tracker(url, experiment)
+    data = tracker.load_sweep()
+    assert data["sweep"]["status"] == "FINISHED"
+    return {r["tags"]["trial_id"]: {k: tracker.metric_history(r["run_id"], k) for k in r["metrics"]}
+            for r in data["trials"]}
+
+
+def test_dead_tracking_server_stops_the_sweep_in_one_line_before_anything_starts(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+    t0 = time.time()
+    assert sweep.main([f"{TINY}/quickstart.yaml", "--storage", str(tmp_path / "runs"), "--tracking-uri", dead]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.time() - t0 < 15 and len(err.splitlines()) == 1 and "unreachable (connection refused)" in err
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_tracking_outage_mid_sweep_loses_no_metric(ray_cluster, workdir, tmp_path_factory, capsys):
+    import threading
+
+    from lrt_platform.outbox import JOURNAL
+    from tests.fixtures_mlflow import start_server, stop_server
+
+    server_root = tmp_path_factory.mktemp("outage_server")
+    proc, url = start_server(server_root)
+    try:
+        specs = {name: _variant(workdir, f"{name}.yaml", "quickstart.yaml", **{
+            "seeds: [0, 1]": "seeds: [0]", "experiment: quickstart_tiny": f"experiment: {name}"})
+            for name in ("steady", "outage")}
+        args = ["--storage", str(workdir / "runs"), "--tracking-uri", url]
+        assert sweep.main([specs["steady"], *args]) == 0  # the reference: the server up all along
+        spec = load_spec(specs["outage"])
+        trials_dir = storage.join(storage.sweep_root(str(workdir / "runs"), spec.experiment, spec_hash(spec)), "trials")
+        stopped = threading.Event()
+
+        def stop_once_a_trial_is_tracked():  # the trial's run exists and holds its first evaluation
+            deadline = time.time() + 300
+            while time.time() < deadline and not stopped.is_set():
+                for path in storage.list_files(trials_dir, JOURNAL):
+                    if (storage.read_json(path) or {}).get("sent", 0) >= 2:
+                        stop_server(proc)
+                        stopped.set()
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=stop_once_a_trial_is_tracked, daemon=True)
+        watcher.start()
+        t0 = time.time()
+        assert sweep.main([specs["outage"], *args]) == 0  # training never stops for tracking
+        watcher.join()
+        assert stopped.is_set()
+        err = capsys.readouterr().err
+        assert "--sync-tracking" in err and "nothing is lost" in err and time.time() - t0 < 240  # no hang
+        journals = [storage.read_json(p) for p in storage.list_files(trials_dir, JOURNAL)]
+        assert len(journals) == 2 and all(len(j["records"]) > j["sent"] for j in journals)
+        proc, _ = start_server(server_root, int(url.rsplit(":", 1)[1]))  # the server is back
+        assert sweep.main([specs["outage"], *args, "--sync-tracking"]) == 0
+        assert "every tracking record" in capsys.readouterr().out
+        got, want = _histories(url, "outage"), _histories(url, "steady")
+        assert got.keys() == want.keys() and len(want) == 2
+        for trial_id, metrics in want.items():
+            assert got[trial_id].keys() == metrics.keys(), trial_id
+            for key, points in metrics.items():
+                steps = [s for s, _ in got[trial_id][key]]
+                assert steps == [s for s, _ in points] and len(set(steps)) == len(steps), (trial_id, key)
+                if not _timing(key):
+                    assert got[trial_id][key] == points, (trial_id, key)
+    finally:
+        stop_server(proc)
+
+
+# ---------------------------------------------------------------------------
+# Security: no credential value where a sweep writes; a local Ray listens on loopback only
+
+
+def _files(folder) -> list:
+    out = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                out.append(path)
+    return out
+
+
+def test_no_credential_value_in_ray_logs_storage_or_tracking(ray_cluster, workdir, s3_bucket, monkeypatch, capsys):
+    import uuid
+
+    import boto3
+    import ray
+
+    secrets = {"AWS_ACCESS_KEY_ID": f"AKIALRT{uuid.uuid4().hex[:13].upper()}",
+               "AWS_SECRET_ACCESS_KEY": f"lrt-secret-{uuid.uuid4().hex}",
+               "AWS_SESSION_TOKEN": f"lrt-token-{uuid.uuid4().hex}"}
+    for k, v in secrets.items():  # fake but accepted: the moto endpoint takes any credentials
+        monkeypatch.setenv(k, v)
+    spec_path = _variant(workdir, "creds.yaml", "quickstart.yaml", **{
+        "seeds: [0, 1]": "seeds: [0]", "experiment: quickstart_tiny": "experiment: creds"})
+    assert sweep.main([spec_path, "--storage", f"s3://{s3_bucket}/sweeps",
+                       "--tracking-uri", f"sqlite:///{workdir}/mlflow.db"]) == 0
+    assert capsys.readouterr().out.count("[sweep] done") == 2
+    values = [v.encode() for v in secrets.values()]
+    session = ray._private.worker._global_node.get_session_dir_path()
+    local = _files(session) + _files(workdir)  # Ray's logs; the MLflow database and artifacts; local runs
+    assert any("runtime_env" in p for p in local), "the Ray session folder holds no runtime_env logs to check"
+    leaks = []
+    for path in local:
+        with open(path, "rb") as f:
+            data = f.read()
+        leaks += [path for v in values if v in data]
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+            for o in page.get("Contents", [])]
+    assert keys, "the sweep wrote nothing to S3"
+    for key in keys:
+        data = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        leaks += [f"s3://{s3_bucket}/{key}" for v in values if v in data]
+    assert not leaks, f"credential values found in: {sorted(set(leaks))}"
+
+
+LISTENERS = """
+import json, os, socket
+from lrt_platform import sweep
+sweep.local_ray_on_loopback(None)
+sweep._connect(None)
+
+def descendants(root):
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            pass
+    found, todo = {root}, [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in found]
+        found.update(kids)
+        todo += kids
+    return found
+
+inodes = set()
+for pid in descendants(os.getpid()):
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        pass
+addrs = []
+for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+    with open(f"/proc/net/{name}") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN sockets of this Ray
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                addrs.append(socket.inet_ntop(family, raw))
+print(json.dumps(addrs))
+"""
+
+
+def test_local_ray_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run([PY, "-c", LISTENERS], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    addrs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(addrs) >= 3, addrs  # GCS, raylet, object manager at least: the check saw Ray's servers
+    import ipaddress
+
+    ips = [ipaddress.ip_address(a) for a in addrs]  # ::ffff:127.0.0.1 is IPv4 loopback seen by an IPv6 socket
+    assert all((getattr(ip, "ipv4_mapped", None) or ip).is_loopback for ip in ips), addrs
 
 
 # ---------------------------------------------------------------------------
@@ -240,6 +436,77 @@ def test_multi_worker_trial_runs_torch_trainer(ray_cluster, workdir):
     assert m["lrt_trial_id"] == lrt.trial_id and m["val_bpb"] > 0
     prog = storage.read_json(f"{storage.trial_dir(root, lrt.trial_id)}/progress.json")
     assert prog["checkpoint_step"] == lrt.steps
+
+
+def _tracked_trial(workdir, name: str, workers: int, fault: str | None = None):
+    """Run the tiny quickstart's LRT trial alone, tracked in workdir's MLflow, on the in-process path
+    (workers == 1) or a TorchTrainer (2 workers); returns (its result, its metric histories)."""
+    from lrt_platform.tracking import Tracker
+
+    resources = ("resources: {workers_per_trial: 2, cpus_per_worker: 0.5}" if workers == 2 else
+                 "resources: {workers_per_trial: 1, cpus_per_worker: 1}")
+    spec_path = _variant(workdir, f"{name}.yaml", "quickstart.yaml", **{
+        "seeds: [0, 1]": "seeds: [0]", "experiment: quickstart_tiny": f"experiment: {name}",
+        "resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}": resources})
+    spec = load_spec(spec_path)
+    root = storage.sweep_root(str(workdir / "runs"), spec.experiment, spec_hash(spec))
+    lrt = next(t for t in plan(spec, root) if t.arm == "lrt_s2")
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    tracker = Tracker(uri, spec.experiment)
+    parent = tracker.start_sweep(spec_path, open(spec_path).read(), spec_hash(spec), [lrt.to_dict()])
+    ctx = execution.SweepContext(spec=spec, spec_hash=spec_hash(spec), root=root, trials={lrt.trial_id: lrt.to_dict()},
+                                 tracking_uri=uri, experiment=spec.experiment, parent_run_id=parent, fault=fault)
+    result = execution.make_grid_tuner(ctx, [lrt.trial_id], 1, execution.ProgressLog()).fit()[0]
+    assert result.error is None
+    run = tracker.load_sweep(parent)["trials"][0]
+    assert run["status"] == "FINISHED"
+    prog = storage.read_json(f"{storage.trial_dir(root, lrt.trial_id)}/progress.json")
+    return result.metrics, {k: tracker.metric_history(run["run_id"], k) for k in run["metrics"]}, prog
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "torch-trainer"])
+def test_a_killed_worker_resumes_exactly(ray_cluster, workdir, workers):
+    """SIGKILL right after the first checkpoint: the trial resumes from it and ends where an uninterrupted
+    run ends, with every metric step once in MLflow."""
+    steady, steady_hist, _ = _tracked_trial(workdir, f"steady{workers}", workers)
+    killed, killed_hist, prog = _tracked_trial(workdir, f"killed{workers}", workers,
+                                               fault=f"lrt_s2:{workdir}/kill-marker-{workers}:kill")
+    assert os.path.exists(f"{workdir}/kill-marker-{workers}")  # the worker was killed
+    assert [a["resumed_from_step"] for a in prog["attempts"]] == [None, 20]
+    assert killed["val_bpb"] == pytest.approx(steady["val_bpb"], abs=1e-6)
+    assert killed_hist.keys() == steady_hist.keys()
+    for key, points in steady_hist.items():
+        steps = [s for s, _ in killed_hist[key]]
+        assert steps == [s for s, _ in points] and len(set(steps)) == len(steps), key
+        if not _timing(key):
+            assert [v for _, v in killed_hist[key]] == pytest.approx([v for _, v in points], abs=1e-6), key
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "torch-trainer"])
+def test_a_diverged_trial_fails_once_with_its_reason_and_the_sweep_goes_on(ray_cluster, workdir, capsys, workers):
+    from lrt_platform.compare import compare, to_json
+    from lrt_platform.tracking import Tracker
+
+    resources = ("resources: {workers_per_trial: 2, cpus_per_worker: 0.5}" if workers == 2 else
+                 "resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}")
+    name = f"diverge{workers}"
+    spec_path = _variant(workdir, f"{name}.yaml", "quickstart.yaml", **{
+        "seeds: [0, 1]": "seeds: [0]", "experiment: quickstart_tiny": f"experiment: {name}",
+        "resources: {workers_per_trial: 1, cpus_per_worker: 1, max_concurrent_trials: 2}": resources,
+        "storage: ./runs": "optim: {lr_scale: 1.0e+20}\nstorage: ./runs"})  # every learning rate absurd
+    assert _run(spec_path, workdir) == 0  # nothing to retry, the sweep finishes
+    out = capsys.readouterr().out
+    assert out.count("[sweep] DIVERGED") == 2 and "likely cause: the learning rates" in out
+    for prog in _progress(spec_path, workdir).values():
+        assert len(prog["attempts"]) == 1 and prog["diverged"]["reason"].startswith("diverged at step")
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    runs = Tracker(uri, name).load_sweep()["trials"]
+    assert len(runs) == 2
+    for r in runs:
+        assert r["status"] == "FAILED" and r["tags"]["diverged"] == "true"
+        assert r["tags"]["failure_reason"].startswith("diverged at step") and "\n" not in r["tags"]["failure_reason"]
+    report = to_json(compare(uri, name))
+    assert report["counts"]["diverged"] == 2 and len(report["diverged"]) == 2
 
 
 # ---------------------------------------------------------------------------
