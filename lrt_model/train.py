@@ -40,7 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .config import (MAX_BATCH, MAX_BUDGET, MAX_SEED, MAX_SEQ_LEN, MAX_VOCAB, ConfigError, ModelConfig,
+from .config import (FRACTION_FIELDS, LR_FIELDS, MAX_BATCH, MAX_BUDGET, MAX_SEED, MAX_SEQ_LEN, MAX_VOCAB, ConfigError,
+                     ModelConfig,
                      RecurrenceConfig, check_bool, check_icl, check_int, check_number, check_optim, from_mapping,
                      short_repr)
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
@@ -216,9 +217,6 @@ class Diverged(RuntimeError):
         self.cause = cause  # loss_weights | learning_rate | setting | data
 
 
-_LR_FIELDS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "lr_scale")
-
-
 def _not_finite(value) -> bool:
     values = value if isinstance(value, (list, tuple)) else [value]
     return any(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v) for v in values)
@@ -234,7 +232,7 @@ def divergence_cause(cfg: TrainConfig, mcfg: ModelConfig, step: int, first: tupl
         return "loss_weights", (f"likely cause: the loss weights: recurrence.loss_weights={rec.loss_weights} "
                                 "has a non-finite entry; give finite weights >= 0")
     o = cfg.optim
-    for name in _LR_FIELDS + ("warmup_frac", "warmdown_frac", "final_lr_frac"):
+    for name in LR_FIELDS + FRACTION_FIELDS:
         if _not_finite(getattr(o, name)):
             return "learning_rate", (f"likely cause: the learning rates: optim.{name}={getattr(o, name)} is not "
                                      "finite; give a finite value")
@@ -248,7 +246,7 @@ def divergence_cause(cfg: TrainConfig, mcfg: ModelConfig, step: int, first: tupl
         return "data", ("likely cause: the data or the model settings, not the learning rates (no update has "
                         f"been applied and every setting is finite): check the corpus {cfg.corpus!r} and tokenizer "
                         f"{cfg.tokenizer!r}, then the model and recurrence settings")
-    lrs = ", ".join(f"{k}={getattr(o, k):g}" for k in _LR_FIELDS)
+    lrs = ", ".join(f"{k}={getattr(o, k):g}" for k in LR_FIELDS)
     seen = [p for p in dict.fromkeys((first, last)) if p is not None]
     trend = "; train loss " + ", ".join(f"{loss:.4g} at step {s}" for s, loss in seen) if seen else ""
     return "learning_rate", (f"likely cause: the learning rates (optim.{lrs}): lower them (optim.lr_scale) "

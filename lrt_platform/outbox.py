@@ -128,11 +128,11 @@ class TrialOutbox:
             return True
         if not force and self.clock() < self._retry_at:
             return False
+        sent = self.state["sent"]
         try:
             while self.pending:
                 self._send(self.state["records"][self.state["sent"]])
                 self.state["sent"] += 1
-                self._save()
         except Exception as e:  # noqa: BLE001 - kept in the journal; tracking never stops training
             if not self._down:
                 _say(f"MLflow at {self.state['tracking_uri']} unreachable ({_first_line(e)}); keeping "
@@ -141,6 +141,9 @@ class TrialOutbox:
             self._retry_at = self.clock() + self._wait
             self._wait = min(MAX_WAIT_S, self._wait * 2)
             return False
+        finally:  # one write per flush: a record sent again after a crash here is dropped by MLflow
+            if self.state["sent"] != sent:
+                self._save()
         if self._down:
             _say(f"MLflow is back: {self.state['trial']['trial_id']} is up to date")
         self._down, self._wait, self._retry_at = False, FIRST_WAIT_S, 0.0
