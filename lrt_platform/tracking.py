@@ -15,8 +15,10 @@ Design choices:
   resumed sweep or a retried trial keeps writing into the same runs. Params are
   immutable in MLflow, so on reuse only params not logged before are sent.
 - Metrics go out in `log_batch` calls (1000 metrics / 100 params+tags per
-  call, MLflow's limits); the step of every training metric is tokens seen, so
-  curves from arms with different batch sizes line up.
+  call, MLflow's limits); the step of every training metric is the optimiser
+  step, one axis for all of a run's metrics; `tokens` and `flops` are metrics
+  of their own, which the MLflow chart view can put on the x axis to line up
+  arms with different batch sizes or costs per token.
 - Every client call runs inside `retry`: "database is locked"/"busy" errors
   (concurrent trials writing one sqlite file) and dropped connections are
   retried with jittered exponential backoff. MLflow's sqlite sessions already
@@ -28,7 +30,7 @@ Design choices:
   never duplicates a run.
 - Events: eval -> every finite number in it (NaN train loss before the first
   step is skipped), position buckets as `val_bpb_pos_<bucket>`, any `icl_*`
-  key as is; done -> the final metrics at step = tokens (so `search_runs`
+  key as is; done -> the final metrics at the last step (so `search_runs`
   shows them; trials send events through their outbox, which drops the ones
   that repeat the last evaluation's step); checkpoint -> tags with the last
   checkpoint's step and path (`event_records`).
@@ -225,7 +227,8 @@ def event_metrics(event: dict) -> dict[str, float]:
 
 def event_records(event: dict) -> tuple[list[tuple[str, float, int]], dict[str, str]]:
     """A trainer event as MLflow points (key, value, step) and tags. eval/done: every finite number at
-    step = tokens seen (done also tags `finished`); checkpoint: `checkpoint_step` and tags naming it."""
+    step = the optimiser step (done also tags `finished`), so every metric of a run shares one step axis;
+    tokens and FLOPs are metrics of their own; checkpoint: `checkpoint_step` and tags naming it."""
     kind = event.get("event")
     if kind == "diverged":  # the reason goes in failure_reason when the run ends
         return [], {"diverged": "true", "diverged_step": str(event.get("step", ""))}
@@ -234,7 +237,7 @@ def event_records(event: dict) -> tuple[list[tuple[str, float, int]], dict[str, 
         return [("checkpoint_step", float(step), step)], {
             "last_checkpoint_step": str(step), "last_checkpoint_path": str(event.get("path", "")),
             "checkpoint_dir": str(event.get("checkpoint_dir", ""))}
-    step = int(event.get("tokens", event.get("step", 0)) or 0)
+    step = int(event.get("step", event.get("steps", 0)) or 0)  # done carries `steps`, the run's last step
     tags = {"finished": str(bool(event.get("finished", True))).lower()} if kind == "done" else {}
     return [(k, v, step) for k, v in event_metrics(event).items()], tags
 

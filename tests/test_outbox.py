@@ -80,7 +80,7 @@ def test_an_outage_loses_nothing_and_waits_before_trying_again(tmp_path):
     box.end("FINISHED")
     assert box.pending == 0
     assert [c[0] for c in fake.calls] == ["start", "metrics", "metrics", "metrics", "metrics", "tags", "end"]
-    assert _points(fake, "val_bpb") == [(100, 3.0), (200, 2.5), (300, 2.2)]
+    assert _points(fake, "val_bpb") == [(10, 3.0), (20, 2.5), (30, 2.2)]  # optimiser steps
     assert storage.read_json(journal_path(str(tmp_path), TRIAL["trial_id"]))["sent"] == 7
 
 
@@ -89,15 +89,15 @@ def test_each_key_and_step_is_journaled_once(tmp_path):
     box = TrialOutbox.open(str(tmp_path), TRIAL, "u", "exp", "parent", tracker=fake)
     box.start()
     box.log_event(_eval(100, 3.0))
-    box.log_event({"event": "done", "tokens": 100, "val_bpb": 3.0, "train_loss": 1.5, "wall_s": 9.0})
-    assert _points(fake, "val_bpb") == [(100, 3.0)]  # the final metrics repeat the last evaluation
-    assert _points(fake, "wall_s") == [(100, 9.0)]
+    box.log_event({"event": "done", "steps": 10, "tokens": 100, "val_bpb": 3.0, "train_loss": 1.5, "wall_s": 9.0})
+    assert _points(fake, "val_bpb") == [(10, 3.0)]  # the final metrics repeat the last evaluation
+    assert _points(fake, "wall_s") == [(10, 9.0)]
     # a retried attempt (a new process) continues the journal and re-evaluates a step after its checkpoint
     again = TrialOutbox.open(str(tmp_path), TRIAL, "u", "exp", "parent", tracker=fake)
     again.start()
     again.log_event(_eval(100, 3.0))
     again.log_event(_eval(200, 2.0))
-    assert _points(fake, "val_bpb") == [(100, 3.0), (200, 2.0)]
+    assert _points(fake, "val_bpb") == [(10, 3.0), (20, 2.0)]
     # another sweep run (e.g. after --overwrite) starts a new journal
     other = TrialOutbox.open(str(tmp_path), TRIAL, "u", "exp", "other-parent", tracker=fake)
     assert other.state["records"] == [] and other.run_id is None
@@ -157,13 +157,13 @@ def test_real_server_gets_every_point_once_after_an_outage(mlflow_server, tmp_pa
     assert box.pending == 2 and time.time() - t0 < 15  # a dead server costs seconds, not minutes
     box = TrialOutbox.load(journal_path(str(tmp_path), TRIAL["trial_id"]), tracker=live)
     box.log_event(_eval(200, 2.5))
-    box.log_event({"event": "done", "tokens": 200, "val_bpb": 2.5, "wall_s": 4.0})
+    box.log_event({"event": "done", "steps": 20, "tokens": 200, "val_bpb": 2.5, "wall_s": 4.0})
     box.end("FINISHED")
     assert box.pending == 0
     run = box.run_id
-    want = [(100, 3.0), (200, 2.5)]
+    want = [(10, 3.0), (20, 2.5)]  # the optimiser step, not tokens
     assert live.metric_history(run, "val_bpb") == want
     box.state["sent"] = 0  # as if every send had been lost on the way back
     assert box.flush(force=True)
-    assert live.metric_history(run, "val_bpb") == want and live.metric_history(run, "wall_s") == [(200, 4.0)]
+    assert live.metric_history(run, "val_bpb") == want and live.metric_history(run, "wall_s") == [(20, 4.0)]
     assert live.client.get_run(run).info.status == "FINISHED"
