@@ -3,7 +3,7 @@
 Design choices:
 - Reads runs only through `tracking.Tracker.load_sweep` (MLflow stays in the
   tracking module) and turns them into one JSON-able report dict;
-  `format_report` renders it as table | markdown | csv | json, `plots.py`
+  `format_report` renders it as table | markdown | html | csv | json, `plots.py`
   draws it. `build_report` is pure, so the arithmetic is testable without MLflow.
 - Which bpb: LRT arms are scored by the *sequential* view (true recurrence,
   what a user gets when decoding), the baseline by the *full* view (its only
@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import io
 import json
 import logging
@@ -1000,7 +1001,7 @@ def _title(report: dict) -> str:
 
 
 def format_report(report: dict, fmt: str = "table") -> str:
-    """Render a report as table | markdown | csv | json."""
+    """Render a report as table | markdown | html | csv | json."""
     if fmt == "json":
         return json.dumps(_json_safe(report), indent=2)
     if fmt == "csv":
@@ -1010,14 +1011,30 @@ def format_report(report: dict, fmt: str = "table") -> str:
         lines = [f"**{_title(report)}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines + [""] + [f"- {n}" for n in _notes(report)])
+    if fmt == "html":
+        return _html(report, header, rows)
     if fmt != "table":
-        raise ValueError(f"format={fmt!r}; use table, markdown, csv or json")
+        raise ValueError(f"format={fmt!r}; use table, markdown, html, csv or json")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [_title(report), line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     if not rows:
         out.append("(no usable trials)")
     return "\n".join(out + [""] + _notes(report))
+
+
+def _html(report: dict, header: list[str], rows: list[list[str]]) -> str:
+    """A standalone page (MLflow's artifact view shows .html files): the title, the table, the notes."""
+    esc = html.escape
+    cell = lambda tag, text: f"<{tag}>{esc(text)}</{tag}>"
+    body = ["<tr>" + "".join(cell("th", h) for h in header) + "</tr>"]
+    body += ["<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in rows]
+    notes = "".join(cell("li", n) for n in _notes(report))
+    style = ("body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse} "
+             "th,td{border:1px solid #ccc;padding:3px 6px;text-align:left} th{background:#f3f3f3}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report['experiment'])}</title>"
+            f"<style>{style}</style></head><body><h3>{esc(_title(report))}</h3>"
+            f"<table>{''.join(body)}</table><ul>{notes}</ul></body></html>\n")
 
 
 def _csv(report: dict) -> str:
@@ -1082,7 +1099,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sweep spec: its experiment and tracking URI (instead of --experiment)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (the sweep spec's experiment)")
     p.add_argument("--sweep", default=None, help="sweep (parent) run id; default: the experiment's latest sweep")
-    p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    p.add_argument("--format", choices=["table", "markdown", "html", "csv", "json"], default="table")
     p.add_argument("--plots", default=None, help="directory for PNG plots (also logged to the sweep run)")
     p.add_argument("--tracking-uri", default=None,
                    help="default: the spec's tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")

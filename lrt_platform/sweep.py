@@ -403,7 +403,8 @@ def _print_next(spec: Spec, spec_path: str, root: str, delivered: bool) -> None:
 
 
 def _log_comparison(spec: Spec, uri: str, tracker, parent: str | None) -> None:
-    """Print the comparison and log it to the sweep run; best effort: the sweep's results are stored."""
+    """Print the comparison and log it, rendered and plotted, to the sweep run; best effort: the sweep's
+    results are stored either way."""
     try:
         from .compare import compare, format_report, to_json
 
@@ -412,11 +413,25 @@ def _log_comparison(spec: Spec, uri: str, tracker, parent: str | None) -> None:
         print(text, flush=True)
         try:  # the verdicts on the sweep's parent run too; best effort, the table above is the answer
             if parent:
-                tracker.log_sweep_summary(parent, to_json(report), text)
+                renders = {"comparison.txt": text, "comparison.md": format_report(report, "markdown"),
+                           "comparison.html": format_report(report, "html")}
+                tracker.log_sweep_summary(parent, to_json(report), renders)
+                _log_plots(report, tracker, parent)
         except Exception as e:  # noqa: BLE001
             print(f"[sweep] warning: comparison not logged to the sweep run: {e}".splitlines()[0], file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - the sweep's results are stored; a report problem must not hide that
         print(f"[sweep] comparison unavailable: {e}", file=sys.stderr)
+
+
+def _log_plots(report: dict, tracker, parent: str) -> None:
+    """The comparison's plots as the sweep run's `plots/` artifacts (what `compare --plots` draws)."""
+    import tempfile
+
+    from .plots import make_plots
+
+    with tempfile.TemporaryDirectory(prefix="lrt-plots-") as out:
+        make_plots(report, out)
+        tracker.log_artifacts(parent, out, "plots")
 
 
 def _print_ui_hint(uri: str, tracker) -> None:

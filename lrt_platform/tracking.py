@@ -571,23 +571,37 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._retry("log_text", lambda: self.client.log_text(run_id, text, artifact_file))
 
-    def log_sweep_summary(self, parent_run_id: str, report: dict, text: str | None = None) -> None:
-        """The comparison on the sweep's parent run: per (budget, LRT arm) tag `verdict.<budget>.<arm>`,
-        metrics `delta.`, `mde.` and `seeds_needed.<budget>.<arm>`; artifacts comparison.json (the report,
-        JSON-safe as `compare --format json` writes it) and comparison.txt (`text`, the rendered table)."""
-        tags, metrics = {}, []
+    def log_sweep_summary(self, parent_run_id: str, report: dict, renders: dict[str, str] | None = None) -> None:
+        """The comparison on the sweep's parent run, so MLflow shows the answer. Per (budget, LRT arm),
+        `<where>` = `<budget>.<arm>`: metrics `delta`, `delta_ci_low`, `delta_ci_high`, `relative`, `mde`,
+        `seeds_needed` and `compute_multiplier` (`.<where>`, where the report has them); param and tag
+        `verdict.<where>` (a param too, so the runs table can show it as a column; params are immutable,
+        so a verdict that changed on a re-run is in the tag, and the tag `verdict_param_conflicts` names
+        it); artifacts comparison.json (the report, JSON-safe as `compare --format json` writes it) and
+        `renders` ({file name: text}, e.g. comparison.txt / .md / .html)."""
+        verdicts, metrics = {}, []
         for c in report.get("comparisons", []):
             where = f"{_summary_part(c['budget_id'])}.{_summary_part(c['arm'])}"
             if c.get("verdict"):
-                tags[f"verdict.{where}"] = c["verdict"]
-            for name, value in (("delta", (c.get("delta") or {}).get("mean")), ("mde", c.get("mde")),
-                                ("seeds_needed", c.get("seeds_needed"))):
+                verdicts[f"verdict.{where}"] = c["verdict"]
+            delta, rel = c.get("delta") or {}, c.get("relative") or {}
+            ci = delta.get("ci95") or (None, None)
+            for name, value in (("delta", delta.get("mean")), ("delta_ci_low", ci[0]), ("delta_ci_high", ci[1]),
+                                ("relative", rel.get("mean")), ("mde", c.get("mde")),
+                                ("seeds_needed", c.get("seeds_needed")),
+                                ("compute_multiplier", (c.get("compute_multiplier") or {}).get("value"))):
                 if _number(value) is not None:
                     metrics.append((f"{name}.{where}", _number(value), 0))
-        self._log("log sweep summary", parent_run_id, metrics=metrics, tags=tags.items())
+        old = self._retry("read sweep run", lambda: self.client.get_run(parent_run_id)).data.params
+        params = {k: v for k, v in verdicts.items() if k not in old}
+        tags = dict(verdicts)
+        conflicts = sorted(k for k, v in verdicts.items() if k in old and old[k] != v)
+        if conflicts:
+            tags["verdict_param_conflicts"] = ",".join(conflicts)
+        self._log("log sweep summary", parent_run_id, metrics=metrics, params=params.items(), tags=tags.items())
         self.log_text(parent_run_id, json.dumps(report, indent=2, default=str), "comparison.json")
-        if text is not None:
-            self.log_text(parent_run_id, text, "comparison.txt")
+        for name, text in (renders or {}).items():
+            self.log_text(parent_run_id, text, name)
 
     # -- reading (for compare) ------------------------------------------------
 

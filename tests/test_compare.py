@@ -573,6 +573,15 @@ def test_sweep_report_prints_verdicts_and_logs_them_to_the_parent_run(mlflow_ser
     logged = json.loads(_artifact_text(mlflow_server, parent, "comparison.json", tmp_path))
     assert logged["comparisons"][0]["verdict"] == "lrt_better" and logged["comparisons"][0]["mde"] > 0
     assert "MDE (80%)" in _artifact_text(mlflow_server, parent, "comparison.txt", tmp_path)
+    assert run.data.params["verdict.b0.lrt"] == "lrt_better"
+    lo, hi = logged["comparisons"][0]["delta"]["ci95"]
+    assert run.data.metrics["delta_ci_low.b0.lrt"] == pytest.approx(lo) and run.data.metrics["delta_ci_high.b0.lrt"] \
+        == pytest.approx(hi)
+    page = _artifact_text(mlflow_server, parent, "comparison.html", tmp_path)
+    assert page.startswith("<!doctype html>") and "lrt_better" in page and f"{delta:+.4f}" in page
+    assert "| lrt_better |" in _artifact_text(mlflow_server, parent, "comparison.md", tmp_path).replace("  ", " ")
+    plots = {a.path for a in MlflowClient(mlflow_server).list_artifacts(parent, "plots")}
+    assert {"plots/scaling.png", "plots/delta_vs_tokens_per_param.png"} <= plots, plots
 
     capsys.readouterr()  # drop MLflow's download progress bars
 

@@ -328,23 +328,34 @@ def test_log_sweep_summary_tags_metrics_and_artifacts(mlflow_server, tmp_path):
     tr = Tracker(mlflow_server, _experiment("summary"))
     parent = tr.start_sweep("s.yaml", "experiment: x\n", "hash-summary", [])
     report = {"comparisons": [  # budget ids and arms with characters MLflow keys reject or read as paths
-        {"budget_id": "d2-flops1.5e12", "arm": "lrt/s2", "verdict": "lrt_better", "delta": {"mean": -0.02},
-         "mde": 0.01, "seeds_needed": 5},
+        {"budget_id": "d2-flops1.5e12", "arm": "lrt/s2", "verdict": "lrt_better",
+         "delta": {"mean": -0.02, "ci95": [-0.03, -0.01]}, "relative": {"mean": -0.011}, "mde": 0.01,
+         "seeds_needed": 5, "compute_multiplier": {"value": 1.4}},
         {"budget_id": "d2-flops1.5e12", "arm": "lrt k", "verdict": "no_conclusion", "delta": {"mean": None},
          "mde": None, "seeds_needed": None}]}
-    tr.log_sweep_summary(parent, report, "the table")
+    tr.log_sweep_summary(parent, report, {"comparison.txt": "the table", "comparison.html": "<p>page</p>"})
     client = MlflowClient(mlflow_server)
     run = client.get_run(parent)
-    assert run.data.tags["verdict.d2-flops1_5e12.lrt_s2"] == "lrt_better"
-    assert run.data.tags["verdict.d2-flops1_5e12.lrt_k"] == "no_conclusion"
+    for kind in (run.data.tags, run.data.params):  # a param too: the runs table can show it as a column
+        assert kind["verdict.d2-flops1_5e12.lrt_s2"] == "lrt_better"
+        assert kind["verdict.d2-flops1_5e12.lrt_k"] == "no_conclusion"
+    w = "d2-flops1_5e12.lrt_s2"
     assert {k: v for k, v in run.data.metrics.items() if k.endswith("lrt_s2")} == {
-        "delta.d2-flops1_5e12.lrt_s2": -0.02, "mde.d2-flops1_5e12.lrt_s2": 0.01,
-        "seeds_needed.d2-flops1_5e12.lrt_s2": 5}
+        f"delta.{w}": -0.02, f"delta_ci_low.{w}": -0.03, f"delta_ci_high.{w}": -0.01, f"relative.{w}": -0.011,
+        f"mde.{w}": 0.01, f"seeds_needed.{w}": 5, f"compute_multiplier.{w}": 1.4}
     assert not any(k.endswith("lrt_k") for k in run.data.metrics)  # None is not a metric
     with open(client.download_artifacts(parent, "comparison.json", str(tmp_path))) as f:
         assert json.load(f) == report
     with open(client.download_artifacts(parent, "comparison.txt", str(tmp_path))) as f:
         assert f.read() == "the table"
+    with open(client.download_artifacts(parent, "comparison.html", str(tmp_path))) as f:
+        assert f.read() == "<p>page</p>"
+    # a re-run whose verdict changed: the param stays (MLflow params are immutable), the tag moves and says so
+    report["comparisons"][0]["verdict"] = "no_conclusion"
+    tr.log_sweep_summary(parent, report)
+    run = client.get_run(parent)
+    assert run.data.tags[f"verdict.{w}"] == "no_conclusion" and run.data.params[f"verdict.{w}"] == "lrt_better"
+    assert run.data.tags["verdict_param_conflicts"] == f"verdict.{w}"
 
 
 def test_experiments_are_created_as_model_training_experiments(tmp_path):
