@@ -529,6 +529,21 @@ def build_report(data: dict, effect: float = DEFAULT_EFFECT) -> dict:
     return report
 
 
+def load_curves(tracker: Tracker, report: dict) -> dict:
+    """{run_id: {"step", "tokens", "flops", "val_bpb": lists}} for every usable trial, its bpb in the view
+    the report scores it by, joined on the optimiser step; for `plots.curves_figure`."""
+    out = {}
+    for t in report["trials"]:
+        if t["problem"] is not None:
+            continue
+        key = f"val_bpb_{t['view']}" if t["view"] in ("sequential", "full") else "val_bpb"
+        hist = {k: dict(tracker.metric_history(t["run_id"], k)) for k in (key, "tokens", "flops")}
+        steps = sorted(set(hist[key]) & set(hist["tokens"]) & set(hist["flops"]))
+        out[t["run_id"]] = {"step": steps, "val_bpb": [hist[key][s] for s in steps],
+                            "tokens": [hist["tokens"][s] for s in steps], "flops": [hist["flops"][s] for s in steps]}
+    return out
+
+
 def _count(items) -> dict:
     out = defaultdict(int)
     for x in items:
@@ -1135,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots:
             from .plots import make_plots
 
-            report["plots"] = make_plots(report, args.plots)
+            report["plots"] = make_plots(report, args.plots, load_curves(tracker, report))
             try:
                 tracker.log_artifacts(report["sweep_run_id"], args.plots, "plots")
             except TrackingError as e:  # the PNGs are on disk; say the upload failed, keep the report

@@ -5,22 +5,26 @@ Design choices:
   the numbers the table shows (same views, same pairs, same fits).
 - Object-oriented matplotlib (`Figure` + Agg canvas), never `pyplot`: no global
   figure state, no GUI backend, safe in Ray workers and threads.
-- Every plot is always written, with a "no data" note when there is nothing to
-  draw, so users and tests find the same files after every sweep:
-  scaling.png (bpb vs training FLOPs per arm, log x, each LRT mean labelled
-  with its effective compute multiplier when there is one; a fitted power law
-  is drawn only where the report has a fit, i.e. >= 3 budgets: with 1-2
-  budgets the means stand alone, never joined by a line that looks like a law),
-  delta_vs_tokens_per_param.png (paired delta with its 95% CI per LRT arm);
-  search sweeps add search_history.png (val bpb in trial order with the
-  best-so-far line) and search_importance.png (parameter importances; the
-  title names the method: Optuna fANOVA or the correlation fallback).
+- Which plots: paired_difference.png always (per budget and LRT arm, each
+  seed's paired delta, their mean and 95% CI, and the zero line: the verdict's
+  evidence, readable with one budget); scaling.png (bpb vs training FLOPs per
+  arm, log x, each LRT mean labelled with its effective compute multiplier
+  when there is one; a fitted power law only where the report has a fit, i.e.
+  >= 3 budgets) and delta_vs_tokens_per_param.png (paired delta with its 95%
+  CI per LRT arm) only with >= 2 budgets: through one budget they would
+  suggest a trend that was never measured; loss_curves.png when the caller
+  passes the runs' eval histories (`curves`, from `compare.load_curves`):
+  val bpb in each run's headline view against training FLOPs and against
+  tokens, baseline and LRT overlaid; search sweeps add search_history.png
+  (val bpb in trial order with the best-so-far line) and
+  search_importance.png (parameter importances; the title names the method).
+  A plot with nothing to draw says so in the image instead of going missing.
 - Log x axes label decades only (minor ticks unlabelled) and span at least
   1.2 decades, so one budget, or budgets close together, get one or two
   readable labels instead of crowded minor ones. Axis labels promise only what
   is drawn (the multiplier legend only when a multiplier is drawn).
-- `scaling_figure` / `delta_figure` return the Figure, so tests can inspect
-  artists and tick labels; the plot_* functions save them.
+- `*_figure` functions return the Figure, so tests can inspect artists and
+  tick labels; the plot_* functions save them.
 
 Example:
     from lrt_platform.compare import compare
@@ -80,13 +84,82 @@ def _no_data(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def make_plots(report: dict, out_dir: str) -> list[str]:
-    """Write the report's PNGs into out_dir; returns their paths."""
+def make_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[str]:
+    """Write the report's PNGs into out_dir (which ones: the module docstring); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [plot_scaling(report, out_dir), plot_delta(report, out_dir)]
+    paths = [_save(paired_figure(report), out_dir, "paired_difference.png")]
+    if len(_budgets_with_means(report)) >= 2:
+        paths += [plot_scaling(report, out_dir), plot_delta(report, out_dir)]
+    if curves is not None:
+        paths.append(_save(curves_figure(report, curves), out_dir, "loss_curves.png"))
     if report.get("search"):
         paths += [plot_search_history(report, out_dir), plot_importance(report, out_dir)]
     return paths
+
+
+def _budgets_with_means(report: dict) -> set:
+    return {p["budget_id"] for s in report["scaling"].values() for p in s["points"]}
+
+
+def paired_figure(report: dict) -> Figure:
+    """Per (budget, LRT arm): each seed's paired delta (dots), their mean (diamond) with its 95% CI, zero line."""
+    comps = [c for c in report["comparisons"] if c["n_pairs"]]
+    fig, ax = _figure(max(4.5, 1.2 * len(comps) + 2.5), 4.5)
+    if not comps:
+        _no_data(ax, "no matched baseline/LRT pairs")
+        ax.set_title("paired difference per seed", fontsize=9)
+        return fig
+    colors = {"lrt_better": "C2", "lrt_worse": "C3"}
+    for i, c in enumerate(comps):
+        ds = [p["delta"] for p in c["pairs"]]
+        jitter = np.linspace(-0.12, 0.12, len(ds)) if len(ds) > 1 else [0.0]
+        ax.scatter([i + j for j in jitter], ds, color="grey", s=16, alpha=0.7, zorder=3)
+        mean, ci = c["delta"]["mean"], c["delta"]["ci95"]
+        color = colors.get(c["verdict"], "C0")
+        if ci:
+            ax.errorbar([i + 0.3], [mean], yerr=[[mean - ci[0]], [ci[1] - mean]], fmt="D", color=color, capsize=4)
+        else:
+            ax.plot([i + 0.3], [mean], "D", color=color)
+        ax.annotate(c["verdict"], (i + 0.3, mean), textcoords="offset points", xytext=(6, 0), fontsize=7,
+                    va="center", color=color)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(comps)))
+    ax.set_xticklabels([f"{c['arm']}\n{c['budget_id']}" for c in comps], fontsize=7)
+    ax.set_xlim(-0.6, len(comps) - 0.1)
+    ax.set_xlabel("LRT arm and budget")
+    ax.set_ylabel(f"Δ bpb (LRT {report['views']['lrt']} - baseline {report['views']['baseline']})")
+    ax.set_title("paired difference per seed (dots), mean and 95% CI (diamond)\nbelow 0: LRT better", fontsize=9)
+    return fig
+
+
+def curves_figure(report: dict, curves: dict) -> Figure:
+    """Val bpb in each run's headline view against training FLOPs (left) and tokens (right), one line per
+    usable run, one colour per arm, so the arms' learning curves overlay at equal compute and equal data."""
+    fig = Figure(figsize=(10.0, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, 2, i) for i in (1, 2)]
+    colors = matplotlib.colormaps["tab10"]
+    arms = sorted({t["arm"] for t in report["trials"] if t["run_id"] in curves})
+    for ax, x_key, label in ((axes[0], "flops", "training FLOPs"), (axes[1], "tokens", "training tokens")):
+        xs = []
+        for i, arm in enumerate(arms):
+            runs = [t for t in report["trials"] if t["arm"] == arm and t["run_id"] in curves]
+            for j, t in enumerate(runs):
+                c = curves[t["run_id"]]
+                pts = [(x, y) for x, y in zip(c[x_key], c["val_bpb"]) if x and x > 0]
+                if pts:
+                    xs += [x for x, _ in pts]
+                    ax.plot(*zip(*pts), "-", color=colors(i % 10), lw=1, alpha=0.8,
+                            label=f"{arm} ({t['view']})" if j == 0 else None)
+        if xs:
+            _log_x(ax, xs)
+            ax.set_xlabel(label)
+            ax.set_ylabel("validation bpb (headline view)")
+            ax.legend(fontsize=7)
+        else:
+            _no_data(ax, "no eval histories")
+    fig.suptitle(f"{report['experiment']}: validation bpb during training (one line per run)", fontsize=9)
+    return fig
 
 
 def plot_scaling(report: dict, out_dir: str) -> str:

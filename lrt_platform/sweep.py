@@ -427,10 +427,11 @@ def _log_plots(report: dict, tracker, parent: str) -> None:
     """The comparison's plots as the sweep run's `plots/` artifacts (what `compare --plots` draws)."""
     import tempfile
 
+    from .compare import load_curves
     from .plots import make_plots
 
     with tempfile.TemporaryDirectory(prefix="lrt-plots-") as out:
-        make_plots(report, out)
+        make_plots(report, out, load_curves(tracker, report))
         tracker.log_artifacts(parent, out, "plots")
 
 

@@ -231,12 +231,14 @@ def test_formats_and_plots_via_cli(scaling_sweep, mlflow_server, tmp_path, capsy
     args = ["--experiment", tr.experiment, "--tracking-uri", mlflow_server]
     assert cmp.main(args + ["--format", "json", "--plots", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == ["scaling.png", "delta_vs_tokens_per_param.png"]
+    assert [p.rsplit("/", 1)[-1] for p in report["plots"]] == [
+        "paired_difference.png", "scaling.png", "delta_vs_tokens_per_param.png", "loss_curves.png"]
     for p in report["plots"]:
         w, h = _png_size(p)
         assert w > 100 and h > 100
     logged = MlflowClient(mlflow_server).list_artifacts(parent, "plots")
-    assert sorted(a.path for a in logged) == ["plots/delta_vs_tokens_per_param.png", "plots/scaling.png"]
+    assert sorted(a.path for a in logged) == ["plots/delta_vs_tokens_per_param.png", "plots/loss_curves.png",
+                                              "plots/paired_difference.png", "plots/scaling.png"]
 
     assert cmp.main(args + ["--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
@@ -276,7 +278,7 @@ def test_search_sweep_history_importance_and_plots(mlflow_server, tmp_path):
     assert s["best"]["val_bpb"] == pytest.approx(1.2) and s["best"]["params"]["passes"] == "3"
     assert report["unmatched"] == [] and "nothing to pair" in report["notes"][0]
     paths = make_plots(report, str(tmp_path))
-    assert [p.rsplit("/", 1)[-1] for p in paths][2:] == ["search_history.png", "search_importance.png"]
+    assert [p.rsplit("/", 1)[-1] for p in paths][-2:] == ["search_history.png", "search_importance.png"]
     for p in paths:
         _png_size(p)
 
@@ -522,7 +524,7 @@ def _overlaps(texts) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("flops", [{"b0": 1e15}, {"b0": 1e15, "b1": 1.3e15}, FLOPS])
 def test_plots_draw_fits_only_with_three_budgets_and_ticks_do_not_collide(flops, tmp_path):
-    from lrt_platform.plots import delta_figure, scaling_figure
+    from lrt_platform.plots import curves_figure, delta_figure, paired_figure, scaling_figure
 
     runs = [_run(arm, b, s, law(BASE if arm == "baseline" else LRT, c) + OFFSETS[arm][s], c)
             for b, c in flops.items() for s in (0, 1) for arm in ("baseline", "lrt")]
@@ -542,7 +544,34 @@ def test_plots_draw_fits_only_with_three_budgets_and_ticks_do_not_collide(flops,
         x_ticks = [t for kind, t in texts if kind == "x"]
         assert 1 <= len(x_ticks) <= 4, [t.get_text() for t in x_ticks]
         assert _overlaps(texts) == []
-    assert len(make_plots(report, str(tmp_path))) == 2
+    curves = {t["run_id"]: {"step": [0, 1, 2], "val_bpb": [3.0, 2.5, t["val_bpb"]], "tokens": [0, 1e6, 2e6],
+                            "flops": [0, t["flops"] / 2, t["flops"]]} for t in report["trials"]}
+    for f in (paired_figure(report), curves_figure(report, curves)):
+        assert _overlaps(_tick_texts(f)) == []
+    names = [p.rsplit("/", 1)[-1] for p in make_plots(report, str(tmp_path), curves)]
+    # no scaling line or delta trend through a single budget: its paired differences stand alone
+    assert names == ["paired_difference.png"] + (["scaling.png", "delta_vs_tokens_per_param.png"]
+                                                 if len(flops) >= 2 else []) + ["loss_curves.png"]
+
+
+def test_paired_difference_plot_shows_each_seed_the_mean_its_ci_and_zero():
+    from lrt_platform.plots import paired_figure
+
+    base = [2.30, 2.32, 2.31]
+    runs = [_run("baseline", "b0", s, v, 1e15) for s, v in enumerate(base)]
+    runs += [_run("lrt", "b0", s, v - 0.04 + 0.005 * s, 1e15) for s, v in enumerate(base)]
+    report = _report(runs)
+    c = report["comparisons"][0]
+    ax = paired_figure(report).axes[0]
+    seeds = np.concatenate([coll.get_offsets()[:, 1] for coll in ax.collections if len(coll.get_offsets()) == 3])
+    assert sorted(seeds) == pytest.approx(sorted(p["delta"] for p in c["pairs"]))
+    lines = {tuple(l.get_ydata()) for l in ax.get_lines()}
+    assert (0.0, 0.0) in lines  # the zero line
+    assert any(len(y) == 1 and y[0] == pytest.approx(c["delta"]["mean"]) for y in lines)
+    caps = sorted(y for l in ax.get_lines() if l.get_marker() == "_" for y in l.get_ydata())
+    assert caps == pytest.approx(sorted(c["delta"]["ci95"]))
+    assert "sequential" in ax.get_ylabel() and "full" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.texts] == [c["verdict"]] == ["lrt_better"]
 
 
 # ---------------------------------------------------------------------------
@@ -581,7 +610,7 @@ def test_sweep_report_prints_verdicts_and_logs_them_to_the_parent_run(mlflow_ser
     assert page.startswith("<!doctype html>") and "lrt_better" in page and f"{delta:+.4f}" in page
     assert "| lrt_better |" in _artifact_text(mlflow_server, parent, "comparison.md", tmp_path).replace("  ", " ")
     plots = {a.path for a in MlflowClient(mlflow_server).list_artifacts(parent, "plots")}
-    assert {"plots/scaling.png", "plots/delta_vs_tokens_per_param.png"} <= plots, plots
+    assert plots == {"plots/paired_difference.png", "plots/loss_curves.png"}, plots  # one budget: no scaling
 
     capsys.readouterr()  # drop MLflow's download progress bars
 
