@@ -58,11 +58,13 @@ Design choices:
   baseline's measured FLOPs range; L <= E means no baseline compute reaches L.
 - Search sweeps (parent tagged sweep_kind=search, or trials tagged search):
   optimisation history in trial order and parameter importances from
-  `optuna.importance.get_param_importances` with a seeded fANOVA evaluator
-  (sklearn's random forest, which mlflow already installs) on an in-memory study
-  rebuilt from the runs' `search.*` params (or the config params that vary);
-  if Optuna cannot fit it, a normalised |rank correlation| / correlation-ratio
-  fallback. The report names the method used.
+  `optuna.importance.get_param_importances` with the PED-ANOVA evaluator,
+  the one optuna-dashboard uses (so both show the same ranking), on an
+  in-memory study rebuilt from the finished runs' `search.*` params (or the
+  config params that vary); if Optuna cannot fit it, a normalised |rank
+  correlation| / correlation-ratio fallback. The report names the method used
+  and, below IMPORTANCE_MIN_TRIALS finished trials, says the ranking means
+  little (`importance_warning`). Best-trial params keep their types.
 
 Example:
     python -m lrt_platform.compare --experiment quickstart
@@ -97,6 +99,9 @@ ALPHA = 0.05  # = 1 - CI_LEVEL: two-sided level of the paired t-test behind the 
 POWER = 0.80
 DEFAULT_EFFECT = 0.02  # the LRT paper's relative bpb gain over the baseline
 MAX_SEEDS = 10_000
+# PED-ANOVA (optuna-dashboard's importance) compares the best 10% of trials with the rest and wants at least
+# 2 trials in that 10%: below 20 finished trials its ranking rests on one or two trials
+IMPORTANCE_MIN_TRIALS = 20
 POWER_METHOD = (f"two-sided paired t-test, alpha {ALPHA:g}: power from the noncentral t (n-1 dof, "
                 f"ncp = effect * sqrt(n) / sd, sd = the observed sd of the paired differences); "
                 f"MDE solves power = {POWER:g} exactly (brentq); seeds = the least n reaching {POWER:g}")
@@ -708,11 +713,16 @@ def search_summary(data: dict, trials: list[dict]) -> dict:
     rows = [(_search_params(runs[t["run_id"]]["params"]), t["val_bpb"]) for t in done]
     importance, method = param_importance(rows)
     best_t = min(done, key=lambda t: t["val_bpb"]) if done else None
+    warning = None
+    if importance and len(rows) < IMPORTANCE_MIN_TRIALS:
+        warning = (f"only {len(rows)} finished trials: importances need >= {IMPORTANCE_MIN_TRIALS} to mean "
+                   f"anything (PED-ANOVA compares the top 10% with the rest); read them as noise")
     return {"metric": "val_bpb", "direction": "minimize", "history": history, "importance": importance,
-            "importance_method": method,
+            "importance_method": method, "importance_warning": warning,
             "best": None if best_t is None else {"run_id": best_t["run_id"], "name": best_t["name"],
                                                  "val_bpb": best_t["val_bpb"],
-                                                 "params": _search_params(runs[best_t["run_id"]]["params"])}}
+                                                 "params": {k: _typed(v) for k, v in
+                                                            _search_params(runs[best_t["run_id"]]["params"]).items()}}}
 
 
 def _int(x) -> float:
@@ -729,6 +739,20 @@ def _search_params(params: dict) -> dict:
         return sampled
     return {k: v for k, v in params.items()
             if not k.startswith("trial.") and k.rsplit(".", 1)[-1] not in _NON_SEARCH_PARAMS}
+
+
+def _typed(v: str):
+    """An MLflow param (always a string) back as the value the spec gave: bool, int, float, None or str."""
+    if v in ("True", "False"):
+        return v == "True"
+    if v == "None":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _parse(v: str):
@@ -752,7 +776,7 @@ def param_importance(rows: list[tuple[dict, float]]) -> tuple[dict, str]:
         return {}, "none: no parameter varies across the finished trials"
     y = [v for _, v in rows]
     try:
-        return _optuna_importance(varying, y), "optuna fANOVA (seed 0) on a study rebuilt from the runs"
+        return _optuna_importance(varying, y), "optuna PED-ANOVA (as optuna-dashboard) on a study rebuilt from the runs"
     except Exception as e:  # too few trials for the forest, odd distributions, optuna missing
         method = "correlation fallback (|rank corr| / correlation ratio, normalised)"
         return _correlation_importance(varying, y), f"{method}; optuna failed: {type(e).__name__}"
@@ -777,9 +801,9 @@ def _optuna_importance(cols: dict, y: list[float]) -> dict:
     for i, value in enumerate(y):
         params = {k: cast[k](cols[k][i]) for k in cols}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
-    # fANOVA (variance explained over the whole space), seeded for a stable report; Optuna 5's default,
-    # PED-ANOVA, looks only at the top-10% quantile, which a small search does not populate.
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    # PED-ANOVA with its defaults: what optuna-dashboard shows, so the two never disagree (deterministic;
+    # it needs IMPORTANCE_MIN_TRIALS trials to populate its top-10% quantile, hence the warning)
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
 
 
@@ -991,6 +1015,8 @@ def _notes(report: dict) -> list[str]:
             lines.append(f"search: best val_bpb {s['best']['val_bpb']:.4f} ({s['best']['name']}) {s['best']['params']}")
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(s["importance"].items())[:5])
         lines.append(f"search importance ({s['importance_method']}): {top or 'n/a'}")
+        if s.get("importance_warning"):
+            lines.append(f"WARNING: search importance: {s['importance_warning']}")
     lines += [f"plot: {p}" for p in report.get("plots", [])]
     if report.get("ui_url"):
         lines.append(f"MLflow runs table: {report['ui_url']}")

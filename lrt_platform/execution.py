@@ -79,6 +79,7 @@ import time
 from dataclasses import dataclass, field
 
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from lrt_model.train import Diverged
 
@@ -472,10 +473,28 @@ def make_sampler(kind: str, seed: int):
     return optuna.samplers.TPESampler(seed=seed) if kind == "tpe" else optuna.samplers.RandomSampler(seed=seed)
 
 
+class StudySearch(OptunaSearch):
+    """OptunaSearch that records a trial a scheduler stopped early (ASHA) as PRUNED, with its last reported
+    value (Optuna's rule for pruned trials), as optuna-dashboard and `compare` should see it; OptunaSearch
+    itself tells Optuna COMPLETE for any trial that ends without an error. A diverged trial stays COMPLETE
+    with +inf (the worst value, so the sampler learns to avoid its region)."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        stopped = bool(result) and not error and not result.get("complete") and not result.get("diverged")
+        if not stopped or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        import optuna
+
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        except Exception as e:  # noqa: BLE001 - as OptunaSearch does: a bookkeeping error must not stop the sweep
+            print(f"[sweep] warning: Optuna did not record trial {trial_id} as pruned: {e}", file=sys.stderr)
+        self._completed_trials.add(trial_id)
+
+
 def make_searcher(ctx: SweepContext, max_concurrent: int):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     s = ctx.spec.search
     sampler = make_sampler(s.sampler, s.seed)
@@ -483,7 +502,7 @@ def make_searcher(ctx: SweepContext, max_concurrent: int):
     metric, mode = ([s.metric, "flops"], [s.mode, "min"]) if s.multi_objective else (s.metric, s.mode)
     points = [{k: encode_choice(v) for k, v in default_point(ctx.spec).items()}] if s.enqueue_defaults else None
     _name_objectives(url, study_name(ctx), metric, mode)
-    searcher = OptunaSearch(space=SearchSpace(ctx.spec), metric=metric, mode=mode, points_to_evaluate=points,
+    searcher = StudySearch(space=SearchSpace(ctx.spec), metric=metric, mode=mode, points_to_evaluate=points,
                             sampler=sampler, study_name=study_name(ctx), storage=optuna.storages.RDBStorage(url))
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
@@ -504,14 +523,13 @@ def make_tuning_searcher(ctx: SweepContext, phase: str, template_id: str, max_co
     Optuna database, the spec's own optim settings enqueued first."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     t = ctx.spec.tuning
     sampler = make_sampler(t.sampler, t.seed)
     url = storage.optuna_url(ctx.root, ctx.spec.experiment, ctx.spec_hash)
     first = {k: encode_choice(v) for k, v in tuning_default_point(ctx.spec).items()}
     _name_objectives(url, f"{study_name(ctx)}-{phase}", t.metric, "min")
-    searcher = OptunaSearch(space=TuningSpace(ctx.spec, template_id), metric=t.metric, mode="min",
+    searcher = StudySearch(space=TuningSpace(ctx.spec, template_id), metric=t.metric, mode="min",
                             points_to_evaluate=[first], sampler=sampler, study_name=f"{study_name(ctx)}-{phase}",
                             storage=optuna.storages.RDBStorage(url))
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)

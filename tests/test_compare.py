@@ -275,7 +275,10 @@ def test_search_sweep_history_importance_and_plots(mlflow_server, tmp_path):
     assert set(s["importance"]) == {"passes", "injection"}
     assert max(s["importance"], key=s["importance"].get) == "passes"
     assert s["importance_method"]
-    assert s["best"]["val_bpb"] == pytest.approx(1.2) and s["best"]["params"]["passes"] == "3"
+    assert s["best"]["val_bpb"] == pytest.approx(1.2)
+    assert s["best"]["params"]["passes"] == 3 and s["best"]["params"]["injection"] in ("residual", "both")  # typed
+    assert "PED-ANOVA" in s["importance_method"] and "only 9 finished trials" in s["importance_warning"]
+    assert "WARNING: search importance: only 9" in cmp.format_report(report)
     assert report["unmatched"] == [] and "nothing to pair" in report["notes"][0]
     paths = make_plots(report, str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in paths][-2:] == ["search_history.png", "search_importance.png"]

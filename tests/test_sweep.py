@@ -152,9 +152,30 @@ def test_schedule_search_twin_with_a_crash_and_resume(ray_cluster, workdir, monk
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials if t.number != 1)
     assert all("recurrence.detach" not in t.params for t in trials if t.params["recurrence.strategy"] == "interleaved")
     assert out.count("[sweep] done") + out.count("[sweep] stopped") == spec.search.num_trials + 1  # 4 + baseline
+    # what ASHA stopped is PRUNED in the study, with its last value, not COMPLETE
+    assert out.count("[sweep] stopped") == sum(t.state.name == "PRUNED" and t.value is not None for t in trials)
     crashed = [p for p in os.listdir(f"{root}/trials") if p.endswith("lrt-t001")][0]
     attempts = storage.read_json(f"{root}/trials/{crashed}/progress.json")["attempts"]
     assert len(attempts) == 2 and attempts[1]["resumed_from_step"] == 30  # eval_every 30 -> first checkpoint
+
+
+def test_a_trial_stopped_by_the_scheduler_is_pruned_in_the_study(tmp_path):
+    """No Ray: the searcher's callbacks as Tune calls them for a finished, a stopped and a diverged trial."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    search = execution.StudySearch(space=lambda t: {"x": t.suggest_float("x", 0.0, 1.0)}, metric="val_bpb",
+                                   mode="min", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+                                   storage=optuna.storages.RDBStorage(url))
+    for tid in ("done", "stopped", "diverged"):
+        assert search.suggest(tid) is not None
+        search.on_trial_result(tid, {"val_bpb": 2.5, "training_iteration": 1})
+    search.on_trial_result("stopped", {"val_bpb": 2.4, "training_iteration": 2})
+    search.on_trial_complete("done", {"val_bpb": 2.0, "complete": True})
+    search.on_trial_complete("stopped", {"val_bpb": 2.4})  # ASHA's stop: the last report, no `complete`
+    search.on_trial_complete("diverged", {"val_bpb": float("inf"), "diverged": True})
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert [(t.state.name, t.value) for t in trials] == [("COMPLETE", 2.0), ("PRUNED", 2.4), ("COMPLETE", float("inf"))]
 
 
 def test_multi_objective_searcher(ray_cluster, workdir):
