@@ -84,7 +84,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lrt_model.train import Diverged
 
 from . import storage
-from .planner import Trial, plan_search_trial, plan_tuning_trial
+from .planner import Trial, _si, plan_search_trial, plan_tuning_trial
 from .spec import Spec, SpecError, default_point, tuning_default_point, when_holds
 
 DRIVER_CPU = 0.01  # the Tune function of a TorchTrainer trial only waits; Ray refuses 0
@@ -245,7 +245,7 @@ class Reporter:
         self.ctx, self.trial, self.outbox, self.prog, self.report = ctx, trial, outbox, prog, report
         self.rank, self.world_size = rank, world_size
         self.ident = {"lrt_trial_id": trial.trial_id, "arm": trial.arm, "pair_id": trial.pair_id,
-                      "attempt": len(prog["attempts"])}
+                      "seed": trial.seed, "total_steps": trial.steps, "attempt": len(prog["attempts"])}
         self.last: dict = {}
         self.checkpoint: dict = {}
 
@@ -594,7 +594,54 @@ def make_scheduler(ctx: SweepContext, budget_flops: float, budget_tokens: float)
 
 
 class ProgressLog(tune.Callback):
-    """One line per finished or failed trial (Tune's own output is switched off: verbose=0)."""
+    """The sweep's live progress (Tune's own output is switched off: verbose=0).
+
+    - One line per trial per evaluation: arm, seed, step/total, tokens, val bpb in the headline view (what
+      decoding delivers for LRT), the trial's elapsed time and ETA (from its own steps/s).
+    - One line per finished, stopped, diverged or failed trial.
+    - Overall: a tqdm bar (trials done / total, Tune's running and queued counts, tqdm's ETA) on a terminal;
+      where stderr is not a terminal (CI logs, a pipe) a plain line after each finished trial instead.
+    - `quiet` keeps only the per-trial end lines.
+    `total` is the number of trials the sweep expects over all its phases; on --resume, trials finished
+    before are not counted again, so the bar counts this run's trials."""
+
+    def __init__(self, total: int = 0, quiet: bool = False):
+        self.total, self.quiet = total, quiet
+        self.done, self.started, self.printed, self.t0 = 0, {}, {}, time.time()
+        self.bar = None
+        if not quiet and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="[sweep] trials", unit="trial", file=sys.stderr, disable=None,
+                            dynamic_ncols=True, bar_format="{desc}: {n}/{total} {bar} {postfix} [{elapsed}<{remaining}]")
+            if self.bar.disable:  # not a terminal: plain lines (tqdm would print one per refresh)
+                self.bar = None
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.time())
+        self._refresh(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.quiet or "step" not in result or result.get("complete") or result.get("diverged"):
+            return
+        step, total = result["step"], result.get("total_steps")
+        if self.printed.get(trial.trial_id) == step:  # a checkpoint's report repeats the last evaluation
+            return
+        self.printed[trial.trial_id] = step
+        elapsed = time.time() - self.started.setdefault(trial.trial_id, time.time())
+        eta = f", ETA {_duration(elapsed * (total - step) / step)}" if total and step else ""
+        bpb = f"val_bpb {result['val_bpb']:.4f}" if isinstance(result.get("val_bpb"), float) else "no eval"
+        view = " (sequential)" if "val_bpb_sequential" in result else ""
+        self._print(f"[sweep] eval    {result.get('lrt_trial_id', trial.trial_id)} ({result.get('arm')}, seed "
+                    f"{result.get('seed')}): step {step}/{total or '?'}, {_si(result.get('tokens', 0))} tokens, "
+                    f"{bpb}{view}, {_duration(elapsed)}{eta}")
+        self._refresh(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
@@ -604,15 +651,48 @@ class ProgressLog(tune.Callback):
             print(f"[sweep] DIVERGED {tid} (not retried: it would diverge again): {r.get('diverged_reason')}",
                   flush=True)
         elif r.get("complete"):
-            print(f"[sweep] done    {tid}: {bpb}, {r.get('steps')} steps, {r.get('wall_s', 0):.1f}s training",
-                  flush=True)
+            self._print(f"[sweep] done    {tid}: {bpb}, {r.get('steps')} steps, {r.get('wall_s', 0):.1f}s training")
         else:
-            print(f"[sweep] stopped {tid} at step {r.get('step', '?')} by the scheduler: {bpb}", flush=True)
+            self._print(f"[sweep] stopped {tid} at step {r.get('step', '?')} by the scheduler: {bpb}")
+        self._finished(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tid = (trial.last_result or {}).get("lrt_trial_id", trial.trial_id)
         err = _first_line(trial.error_file)
         print(f"[sweep] FAILED  {tid}: {err}", flush=True)
+        self._finished(trials)
+
+    def _finished(self, trials) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self._refresh(trials)
+        elif not self.quiet and self.total:
+            elapsed = time.time() - self.t0
+            left = max(self.total - self.done, 0)
+            eta = f"; ETA ~{_duration(elapsed / self.done * left)}" if left else ""
+            print(f"[sweep] {self.done}/{self.total} trials done, {_counts(trials)}{eta}", flush=True)
+
+    def _refresh(self, trials) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(_counts(trials), refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _counts(trials) -> str:
+    """Tune's running and queued trials of the current phase."""
+    status = [t.status for t in trials]
+    return f"{status.count('RUNNING')} running, {status.count('PENDING')} queued"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
 
 
 def _first_line(error_file: str | None) -> str:

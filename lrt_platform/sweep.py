@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster: auto | ray://host:10001 (default: a local Ray)")
     p.add_argument("--storage", default=None, help="override the spec's storage (local path or s3:// URI)")
     p.add_argument("--tracking-uri", default=None, help="override the spec's MLflow tracking URI")
+    p.add_argument("--quiet", action="store_true",
+                   help="no per-evaluation lines or progress bar (CI logs): one line per finished trial")
     p.add_argument("--sync-tracking", action="store_true",
                    help="send the tracking records that an MLflow outage left next to the trials' checkpoints, "
                         "then close the sweep run; trains nothing")
@@ -132,7 +134,7 @@ def run(args) -> int:
           f"{'resuming, ' if args.resume else ''}storage {root}", flush=True)
     for line in regime_warnings(trials):
         print(f"[sweep] {line}", flush=True)
-    results, unfinished = _run_phases(ctx, trials, phases, slots, args.resume)
+    results, unfinished = _run_phases(ctx, trials, phases, slots, args.resume, args.quiet)
     clock["tune"] = time.time()
     failed = [r for r in results if r.error is not None]
     status = "KILLED" if unfinished else "FAILED" if failed else "FINISHED"
@@ -286,15 +288,28 @@ def _tracking_uri(uri: str | None) -> str:
     return resolve_tracking_uri(uri)
 
 
-def _run_phases(ctx, trials: list[Trial], phases: list[str], slots: int, resume: bool) -> tuple[list, int]:
+def _run_phases(ctx, trials: list[Trial], phases: list[str], slots: int, resume: bool,
+                quiet: bool = False) -> tuple[list, int]:
     """Fit each phase's Tuner (restored on --resume). Returns the results and how many trials were left
     unfinished (Ctrl-C: Tune stops, saves its state and returns)."""
     from . import execution
 
-    callback = execution.ProgressLog()
+    templates = dict(tuning_templates(ctx.spec, trials)) if ctx.spec.tuning is not None else {}
+    total = sum(len(trials) if p == "grid" else ctx.spec.search.num_trials if p == "search" else ctx.spec.tuning.trials
+                for p in phases)
+    callback = execution.ProgressLog(total, quiet=quiet)
+    try:
+        return _fit_phases(ctx, trials, phases, slots, resume, templates, callback)
+    finally:
+        callback.close()
+
+
+def _fit_phases(ctx, trials: list[Trial], phases: list[str], slots: int, resume: bool, templates: dict,
+                callback) -> tuple[list, int]:
+    from . import execution
+
     if resume:  # resumed search trials that had failed: OptunaSearch warns with each whole result; we reconcile
         logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
-    templates = dict(tuning_templates(ctx.spec, trials)) if ctx.spec.tuning is not None else {}
     results, best = [], {}
     for phase in phases:
         if phase == "grid" and templates:
@@ -386,9 +401,9 @@ def _report(spec: Spec, uri: str, tracker, parent: str | None, results: list, cl
     if o["trials"] and slots:  # slots == 0: interrupted, no meaningful figure
         names = {"ray": "ray start", "data": "data prep", "tracking": "tracking", "tune": "trials", "end": "report"}
         parts = ", ".join(f"{names[k]} {v:.1f}" for k, v in o["parts"].items())
-        print(f"orchestration overhead: {o['per_trial_s']:.1f} s/trial ((wall {o['wall_s']:.1f} s - data prep "
-              f"{o['data_s']:.1f} s) x {o['slots']} trial slot(s) - {o['train_s']:.1f} s of trial training wall_s, "
-              f"over {o['trials']} trials; wall = {parts} s)", flush=True)
+        busy = o["train_s"] / max((o["wall_s"] - o["data_s"]) * o["slots"], 1e-9)
+        print(f"orchestration overhead: {o['per_trial_s']:.1f} s/trial, the {o['slots']} trial slot(s) trained "
+              f"{busy:.0%} of the time ({o['trials']} trials, wall {o['wall_s']:.0f} s: {parts} s)", flush=True)
 
 
 def _print_next(spec: Spec, spec_path: str, root: str, delivered: bool) -> None:

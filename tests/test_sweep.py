@@ -69,6 +69,9 @@ def test_quickstart_twin_runs_all_trials(ray_cluster, workdir, capsys):
     assert _run(spec_path, workdir) == 0
     out = capsys.readouterr().out
     assert out.count("[sweep] done") == 4
+    evals = re.findall(r"\[sweep\] eval +(\S+) \((\w+), seed (\d+)\): step (\d+)/(\d+), .* tokens, val_bpb [\d.]+", out)
+    assert {e[0] for e in evals} == {t.trial_id for t in plan(load_spec(spec_path))}  # live, every trial
+    assert "[sweep] 4/4 trials done" in out  # the overall line (no terminal here, so no bar)
     # reported, not asserted: timings belong to benchmarks, and a loaded CI box would make this flaky
     assert _overhead(out) >= 0
     spec = load_spec(spec_path)
@@ -157,6 +160,34 @@ def test_schedule_search_twin_with_a_crash_and_resume(ray_cluster, workdir, monk
     crashed = [p for p in os.listdir(f"{root}/trials") if p.endswith("lrt-t001")][0]
     attempts = storage.read_json(f"{root}/trials/{crashed}/progress.json")["attempts"]
     assert len(attempts) == 2 and attempts[1]["resumed_from_step"] == 30  # eval_every 30 -> first checkpoint
+
+
+def test_progress_lines_per_evaluation_and_overall(capsys):
+    """No Ray: ProgressLog as Tune calls it, on a non-terminal stderr (plain lines, no bar)."""
+    from types import SimpleNamespace
+
+    def trial(tid, status="RUNNING", last=None):
+        return SimpleNamespace(trial_id=tid, status=status, last_result=last, error_file=None)
+
+    log = execution.ProgressLog(total=2)
+    a, b = trial("a"), trial("b", "PENDING")
+    log.on_trial_start(0, [a, b], a)
+    ev = {"lrt_trial_id": "b0-s0-lrt", "arm": "lrt", "seed": 0, "step": 10, "total_steps": 40, "tokens": 10240,
+          "val_bpb": 2.5, "val_bpb_sequential": 2.5}
+    log.on_trial_result(0, [a, b], a, ev)
+    log.on_trial_result(0, [a, b], a, {**ev, "checkpoint_step": 10})  # a checkpoint repeats the last eval
+    a.last_result = {**ev, "complete": True, "steps": 40, "wall_s": 3.0}
+    a.status = "TERMINATED"
+    log.on_trial_complete(0, [a, b], a)
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\[sweep\] eval +b0-s0-lrt \(lrt, seed 0\): step 10/40, 10\.2k tokens, val_bpb 2\.5000 "
+                        r"\(sequential\), \d+s, ETA \d+s", out[0]), out
+    assert len(out) == 3 and out[1].startswith("[sweep] done    b0-s0-lrt")
+    assert re.fullmatch(r"\[sweep\] 1/2 trials done, 0 running, 1 queued; ETA ~\d+s", out[2]), out
+    quiet = execution.ProgressLog(total=2, quiet=True)
+    quiet.on_trial_result(0, [a], a, {**ev, "step": 20})
+    quiet.on_trial_complete(0, [a], a)
+    assert [l.split()[1] for l in capsys.readouterr().out.splitlines()] == ["done"]
 
 
 def test_a_trial_stopped_by_the_scheduler_is_pruned_in_the_study(tmp_path):
