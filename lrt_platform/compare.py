@@ -402,6 +402,7 @@ def trial_record(run: dict) -> dict:
         "icl": {k: float(v) for k, v in sorted(m.items()) if k.startswith("icl_")},
         "trial_number": tags.get("trial_number"), "start_time": run.get("start_time"),
         "search": tags.get("search") == "true", "tuning": _tuning_tag(tags.get("tuning")),
+        "checkpoint": tags.get("last_checkpoint_path"), "checkpoint_step": _float(tags.get("last_checkpoint_step")),
     }
 
 

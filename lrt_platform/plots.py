@@ -132,6 +132,24 @@ def paired_figure(report: dict) -> Figure:
     return fig
 
 
+def run_curve_figure(trial: dict, curve: dict) -> Figure:
+    """One run's val bpb (its headline view) against the optimiser step, tokens on a top axis: the
+    child run's own loss_curve.png."""
+    fig, ax = _figure(6.0, 3.8)
+    if curve["step"]:
+        ax.plot(curve["step"], curve["val_bpb"], "o-", ms=3)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(f"validation bpb ({trial['view']})")
+        if curve["step"][-1] and curve["tokens"][-1]:
+            per_step = curve["tokens"][-1] / curve["step"][-1]
+            top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+            top.set_xlabel("training tokens")
+    else:
+        _no_data(ax, "no evaluations")
+    ax.set_title(f"{trial['name']} ({trial['arm']}, seed {trial['seed']})", fontsize=9)
+    return fig
+
+
 def curves_figure(report: dict, curves: dict) -> Figure:
     """Val bpb in each run's headline view against training FLOPs (left) and tokens (right), one line per
     usable run, one colour per arm, so the arms' learning curves overlay at equal compute and equal data."""

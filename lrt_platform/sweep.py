@@ -421,7 +421,7 @@ def _log_comparison(spec: Spec, uri: str, tracker, parent: str | None) -> None:
     """Print the comparison and log it, rendered and plotted, to the sweep run; best effort: the sweep's
     results are stored either way."""
     try:
-        from .compare import compare, format_report, to_json
+        from .compare import compare, format_report, load_curves, to_json
 
         report = compare(uri, spec.experiment_name, parent)
         text = format_report(report)
@@ -431,23 +431,44 @@ def _log_comparison(spec: Spec, uri: str, tracker, parent: str | None) -> None:
                 renders = {"comparison.txt": text, "comparison.md": format_report(report, "markdown"),
                            "comparison.html": format_report(report, "html")}
                 tracker.log_sweep_summary(parent, to_json(report), renders)
-                _log_plots(report, tracker, parent)
+                curves = load_curves(tracker, report)
+                _log_plots(report, tracker, parent, curves)
+                _log_run_artifacts(report, tracker, curves)
         except Exception as e:  # noqa: BLE001
             print(f"[sweep] warning: comparison not logged to the sweep run: {e}".splitlines()[0], file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - the sweep's results are stored; a report problem must not hide that
         print(f"[sweep] comparison unavailable: {e}", file=sys.stderr)
 
 
-def _log_plots(report: dict, tracker, parent: str) -> None:
+def _log_plots(report: dict, tracker, parent: str, curves: dict) -> None:
     """The comparison's plots as the sweep run's `plots/` artifacts (what `compare --plots` draws)."""
     import tempfile
 
-    from .compare import load_curves
     from .plots import make_plots
 
     with tempfile.TemporaryDirectory(prefix="lrt-plots-") as out:
-        make_plots(report, out, load_curves(tracker, report))
+        make_plots(report, out, curves)
         tracker.log_artifacts(parent, out, "plots")
+
+
+def _log_run_artifacts(report: dict, tracker, curves: dict) -> None:
+    """Each usable trial's run gets its loss curve (loss_curve.png) and a link to its final checkpoint
+    (checkpoint.json: the storage URI and step; the weights stay in the sweep's storage, not copied)."""
+    import tempfile
+
+    from .plots import _save, run_curve_figure
+
+    for t in report["trials"]:
+        if t["run_id"] not in curves:
+            continue
+        with tempfile.TemporaryDirectory(prefix="lrt-run-") as out:
+            _save(run_curve_figure(t, curves[t["run_id"]]), out, "loss_curve.png")
+            if t.get("checkpoint"):
+                uri = storage.absolute(t["checkpoint"])
+                with open(os.path.join(out, "checkpoint.json"), "w") as f:
+                    json.dump({"uri": uri, "step": t["checkpoint_step"],
+                               "sample": f"python -m lrt_model.sample {uri.rsplit('/', 1)[0]}"}, f, indent=1)
+            tracker.log_artifacts(t["run_id"], out)
 
 
 def _print_ui_hint(uri: str, tracker) -> None:

@@ -72,6 +72,7 @@ def log_trial(tr: Tracker, parent: str, arm: str, budget: str, seed: int, *, pai
                        "val_bpb_sequential": v + 0.5, "val_bpb_full": v + 0.5})
     if status == "FINISHED":
         tr.log_event(run, {"event": "eval", "step": 2, **final})
+        tr.log_event(run, {"event": "checkpoint", "step": 2, "path": f"/ck/{budget}-{arm}-{seed}/step2.pt"})
         tr.log_event(run, {"event": "done", **final, "params": PARAMS[arm], "finished": True,
                            "icl_score": ICL[arm][seed]})
     tr.end_trial(run, status, reason="OOM at step 1" if status == "FAILED" else None)
@@ -614,6 +615,12 @@ def test_sweep_report_prints_verdicts_and_logs_them_to_the_parent_run(mlflow_ser
     assert "| lrt_better |" in _artifact_text(mlflow_server, parent, "comparison.md", tmp_path).replace("  ", " ")
     plots = {a.path for a in MlflowClient(mlflow_server).list_artifacts(parent, "plots")}
     assert plots == {"plots/paired_difference.png", "plots/loss_curves.png"}, plots  # one budget: no scaling
+    for run_id in MlflowClient(mlflow_server).search_runs([tr.experiment_id()], "tags.run_kind = 'trial'"):
+        arts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id.info.run_id)}
+        assert {"loss_curve.png", "checkpoint.json"} <= arts, arts  # each child run's own curve and checkpoint
+    link = json.loads(_artifact_text(mlflow_server, run_id.info.run_id, "checkpoint.json", tmp_path))
+    assert link["uri"] == f"/ck/{run_id.data.tags['trial_id']}/step2.pt" and link["step"] == 2
+    assert link["sample"] == f"python -m lrt_model.sample /ck/{run_id.data.tags['trial_id']}"
 
     capsys.readouterr()  # drop MLflow's download progress bars
 
