@@ -43,6 +43,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
 from lrt_model.config import ModelConfig, RecurrenceConfig
+from lrt_model.evaluation import headline_view
 from lrt_model.optim import OptimConfig, warmup_steps
 from lrt_model.train import TrainConfig
 
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
                    "optim": dataclasses.asdict(any_cfg.optim), "corpus": args.corpus},
         "targets": TARGETS,
         "arms": {arm: summarise(arm, results[arm], warmup_steps(total_steps, any_cfg.optim)) for arm in args.arms},
-        "views": {"baseline": "full", "lrt": "sequential"},
+        "views": {"baseline": headline_view(lrt=False), "lrt": headline_view(lrt=True)},
         "wall_s": round(time.time() - t0, 1),
     }
     report["meets_targets"] = all(a["meets_targets"] for a in report["arms"].values())

@@ -44,6 +44,16 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed's range; numpy's generators need >= 0
 MAX_BUDGET = {"flops": 1e30, "tokens": 1e18, "tokens_per_param": 1e6}
 
 
+# The views a model is scored in (lrt_model.evaluation.views builds them). Here, torch-free, so the
+# platform's readers (compare) share the one rule for which view is the headline.
+VIEWS = ("full", "merged", "sequential")
+
+
+def headline_view(lrt: bool) -> str:
+    """What decoding delivers: the true recurrence for LRT, the only pass the baseline has."""
+    return "sequential" if lrt else "full"
+
+
 class ConfigError(ValueError):
     """A config value is out of range; the message names the field and the fix."""
 
@@ -135,7 +145,7 @@ def check_optim(optim: Any, prefix: str = "optim.") -> None:
     _check_choice(prefix + "muon", optim.muon, MUON_CHOICES)
 
 
-# ICL settings (lrt_model.icl.DEFAULTS): type and range per key, checked before icl_config compares values
+# ICL settings (lrt_model.evaluation.DEFAULTS): type and range per key, checked before icl_config compares values
 _COUNT = 1 << 20
 ICL_RULES = {
     "evals": ("names", None), "ks": ("ints", (1, MAX_SEQ_LEN)), "items": ("int", (1, _COUNT)),
@@ -149,9 +159,9 @@ ICL_RULES = {
 
 
 def check_icl(cfg: Any) -> dict:
-    """`lrt_model.icl.icl_config(cfg)` after checking each setting's type and range (YAML and JSON give
+    """`lrt_model.evaluation.icl_config(cfg)` after checking each setting's type and range (YAML and JSON give
     any type), so a bad setting is one ConfigError naming it."""
-    from .icl import icl_config  # icl imports this module
+    from .evaluation import icl_config  # the evaluation package imports this module
 
     if cfg is not None and not isinstance(cfg, dict):
         raise ConfigError(f"icl={short_repr(cfg)} must be a mapping of ICL settings (or null for the defaults)")

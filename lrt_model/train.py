@@ -45,9 +45,8 @@ from .config import (FRACTION_FIELDS, LR_FIELDS, MAX_BATCH, MAX_BUDGET, MAX_SEED
                      RecurrenceConfig, check_bool, check_icl, check_int, check_number, check_optim, from_mapping,
                      short_repr)
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
-from .evaluate import evaluate_bpb
+from .evaluation import VIEWS, evaluate_bpb, evaluate_icl, icl_config
 from .flops import mean_flops_per_token, peak_flops, run_flops_per_token, training_flops
-from .icl import evaluate_icl, icl_config
 from .model import GPT
 from .optim import OptimConfig, build_optimizers, set_schedule
 from .recurrence import training_loss
@@ -75,7 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     stop_after_steps: int | None = None  # stop early (as if interrupted) after this many steps
     progress: bool = True
-    icl: dict | None = None  # in-context-learning evaluation at the end (lrt_model.icl); {"evals": []} turns it off
+    icl: dict | None = None  # in-context-learning evaluation at the end (lrt_model.evaluation); {"evals": []} turns it off
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -602,7 +601,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _print_eval(event: dict) -> None:
     if event["event"] == "eval":
-        views = " ".join(f"{k[8:]}={event[k]:.4f}" for k in ("val_bpb_full", "val_bpb_merged", "val_bpb_sequential") if k in event)
+        views = " ".join(f"{v}={event[f'val_bpb_{v}']:.4f}" for v in VIEWS if f"val_bpb_{v}" in event)
         print(f"\n[eval] step {event['step']} tokens {event['tokens']:,} val_bpb {event['val_bpb']:.4f} ({views})",
               file=sys.stderr, flush=True)
 

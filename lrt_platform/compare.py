@@ -88,6 +88,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from lrt_model.config import headline_view
+
 from .tracking import Tracker, TrackingError
 
 CI_LEVEL = 0.95
@@ -375,7 +377,7 @@ def trial_record(run: dict) -> dict:
     tags, m = run["tags"], run["metrics"]
     strategy = tags.get("strategy") or ("baseline" if tags.get("arm") == "baseline" else "unknown")
     lrt = strategy != "baseline"
-    view = "sequential" if lrt else "full"
+    view = headline_view(lrt)
     bpb = m.get(f"val_bpb_{view}")
     if bpb is None and "val_bpb" in m:
         bpb, view = m["val_bpb"], "val_bpb (logged view)"
@@ -517,7 +519,7 @@ def build_report(data: dict, effect: float = DEFAULT_EFFECT) -> dict:
         "tracking_uri": data.get("tracking_uri"), "ui_url": data.get("ui_url"),
         "sweep_run_id": sweep["run_id"], "sweep_name": sweep.get("name"), "sweep_status": sweep["status"],
         "spec_hash": sweep["tags"].get("spec_hash"), "sweep_kind": sweep["tags"].get("sweep_kind", "grid"),
-        "views": {"lrt": "sequential", "baseline": "full"},
+        "views": {"lrt": headline_view(True), "baseline": headline_view(False)},
         "power": {"alpha": ALPHA, "power": POWER, "effect_relative": effect, "max_seeds": MAX_SEEDS,
                   "method": POWER_METHOD},
         "counts": {"trials": len(trials), "usable": len(usable), "excluded": len(excluded),

@@ -419,7 +419,7 @@ def _probe_config(cfg: ModelConfig) -> ModelConfig:
 @lru_cache(maxsize=64)
 def _probe(model_json: str, threads: int) -> tuple[float, float]:
     """(training FLOPs/s, evaluation seconds per token per baseline-FLOP) measured on a tiny instance."""
-    from lrt_model.evaluate import evaluate_bpb
+    from lrt_model.evaluation import evaluate_bpb
     from lrt_model.recurrence import training_loss
 
     cfg = ModelConfig.from_dict(json.loads(model_json))

@@ -51,6 +51,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from lrt_model.config import (INJECTIONS, MAX_BATCH, MAX_BUDGET, MAX_DEPTH, MAX_HEAD_DIM, MAX_PASSES, MAX_SEED,
                                MAX_SEQ_LEN, MAX_VOCAB, MAX_WIDTH, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, ConfigError,
                                ModelConfig, RecurrenceConfig, check_icl, check_number, short_repr)
+from lrt_model.evaluation import VIEWS, headline_view
 from lrt_model.optim import OptimConfig
 
 # experiment and arm names become folder names and trial ids: no separators, no whitespace, no leading dot
@@ -274,7 +275,7 @@ class OptimSpec(_Strict):
 class EvalSpec(_Strict):
     eval_tokens: typing.Annotated[int, Field(gt=0, le=MAX_BATCH)] = 32768  # validation tokens per evaluation
     eval_every: Count = 0  # steps; 0 = about 8 evaluations per trial
-    icl: dict[str, Any] | None = None  # final in-context-learning evaluation (lrt_model.icl settings); {evals: []} = off
+    icl: dict[str, Any] | None = None  # final in-context-learning evaluation (lrt_model.evaluation settings); {evals: []} = off
 
     @field_validator("icl")
     @classmethod
@@ -344,7 +345,8 @@ class AshaSpec(_Strict):
     time_attr: Literal["flops", "tokens"] = "flops"  # stop at equal compute (or equal data)
 
 
-TRAINING_VIEWS = ("val_bpb_merged", "val_bpb_full")  # LRT bpb that decoding does not deliver
+# LRT bpb that decoding does not deliver: every view but the headline one
+TRAINING_VIEWS = tuple(f"val_bpb_{v}" for v in VIEWS if v != headline_view(lrt=True))
 
 
 def decoding_view_metric(metric: str) -> str:

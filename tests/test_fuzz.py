@@ -484,7 +484,7 @@ def test_trainer_accepts_its_own_configs(tmp_path):
 def test_icl_rules_cover_every_setting():
     """The type table that guards icl_config has one rule per ICL setting, and accepts the defaults."""
     from lrt_model.config import ICL_RULES, check_icl
-    from lrt_model.icl import DEFAULTS, icl_config
+    from lrt_model.evaluation import DEFAULTS, icl_config
 
     assert set(ICL_RULES) == set(DEFAULTS)
     assert check_icl(dict(DEFAULTS)) == icl_config(None)

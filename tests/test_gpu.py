@@ -218,7 +218,7 @@ def test_evaluation_through_the_cuda_graph_equals_eager_under_bf16(strategy, mon
     """val bpb's sequential view through the captured step (one capture per batch, inside each
     batch's autocast region) against the eager step."""
     import lrt_model.decode as decode_mod
-    from lrt_model.evaluate import evaluate_bpb
+    from lrt_model.evaluation import evaluate_bpb
 
     model = lrt(T=32, strategy=strategy)
     rows = torch.randint(0, 101, (6, 33), generator=torch.Generator().manual_seed(0))

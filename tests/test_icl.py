@@ -1,18 +1,21 @@
 """ICL evaluation: generators, scoring through oracles and a uniform model in
 every view, the ICL score, the CORE harness on a tiny hand-written bundle."""
 
+import json
 import os
 import random
 
 import pytest
 import torch
+import yaml
 
 from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
-from lrt_model.icl import (
-    NO_CORE_MESSAGE, FullView, ModelStepper, SequentialView, _said, _threads, centered_accuracy, common_prefix,
-    core_question, default_windows, encode_item, evaluate_core, evaluate_icl, icl_config, icl_score,
-    load_core_bundle, parse_simple_yaml, render_core, run_icl, score_questions, task_items, token_stats, view_stats,
+from lrt_model.evaluation import (
+    NO_CORE_MESSAGE, FullView, ModelStepper, SequentialView, centered_accuracy, common_prefix, core_question,
+    default_windows, encode_item, evaluate_core, evaluate_icl, icl_config, icl_score, load_core_bundle, render_core,
+    run_icl, score_questions, task_items, token_stats, view_stats,
 )
+from lrt_model.evaluation.icl import _said, _threads
 from lrt_model.model import GPT
 from lrt_model.recurrence import sequential_logits
 from lrt_model.tokenizer import BPETokenizer, ByteTokenizer
@@ -409,31 +412,81 @@ def test_icl_score_ignores_bos_targets():
 # CORE harness
 
 
-def test_simple_yaml_reads_the_core_format():
-    text = """
-# comment
+CORE_YAML = r"""
+# the constructs CORE task lists use: block lists of mappings (an item may open on its own line),
+# flow and block lists, double-quoted escapes, single quotes, comments
 icl_tasks:
 - label: jeopardy   # trailing comment
-  dataset_uri: world_knowledge/jeopardy_all.jsonl
+  dataset_uri: jeopardy.jsonl
   num_fewshot: [10]
   icl_task_type: language_modeling
-  continuation_delimiter: "\\nAnswer: "
+  continuation_delimiter: "\nAnswer: "
   has_categories: true
-- label: 'it''s'
+-
+  label: 'it''s'
+  dataset_uri: its.jsonl
   num_fewshot:
     - 0
     - 5
   icl_task_type: schema
   note: a # b
   hash: "a # b"
+- label: arc
+  dataset_uri: arc.jsonl
+  num_fewshot: [3, 25]
+  icl_task_type: multiple_choice
+  continuation_delimiter: ' '
+  prompt_string: ''
+  early_stopping_criteria:
+  - "\n\n"
+  - "Question:"
+  post_processing_funcs:
+  -
+    name: qa_normalization
 """
-    assert parse_simple_yaml(text) == {"icl_tasks": [
-        {"label": "jeopardy", "dataset_uri": "world_knowledge/jeopardy_all.jsonl", "num_fewshot": [10],
-         "icl_task_type": "language_modeling", "continuation_delimiter": "\nAnswer: ", "has_categories": True},
-        {"label": "it's", "num_fewshot": [0, 5], "icl_task_type": "schema", "note": "a", "hash": "a # b"},
-    ]}
-    with pytest.raises(ValueError, match="core.json"):
-        parse_simple_yaml("a: |\n  block\n")
+CORE_CONFIG = {"icl_tasks": [
+    {"label": "jeopardy", "dataset_uri": "jeopardy.jsonl", "num_fewshot": [10], "icl_task_type": "language_modeling",
+     "continuation_delimiter": "\nAnswer: ", "has_categories": True},
+    {"label": "it's", "dataset_uri": "its.jsonl", "num_fewshot": [0, 5], "icl_task_type": "schema", "note": "a",
+     "hash": "a # b"},
+    {"label": "arc", "dataset_uri": "arc.jsonl", "num_fewshot": [3, 25], "icl_task_type": "multiple_choice",
+     "continuation_delimiter": " ", "prompt_string": "", "early_stopping_criteria": ["\n\n", "Question:"],
+     "post_processing_funcs": [{"name": "qa_normalization"}]},
+]}
+
+
+def _bundle(root, name, text):
+    """A bundle whose task list is `text` in core.yaml or core.json (`name`), with two rows per task."""
+    folder = root / f"bundle{len(list(root.iterdir()))}"
+    (folder / "eval_data").mkdir(parents=True)
+    (folder / name).write_text(text, encoding="utf-8")
+    (folder / "eval_meta_data.csv").write_text("Eval Task,Random baseline\njeopardy,0\nit's,50\narc,25\n")
+    rows = {"jeopardy.jsonl": {"context": "Q?", "continuation": "A"},
+            "its.jsonl": {"context_options": ["x", "y"], "continuation": "z", "gold": 0},
+            "arc.jsonl": {"query": "Q?", "choices": ["a", "b"], "gold": 1}}
+    for file, row in rows.items():
+        (folder / "eval_data" / file).write_text(f"{json.dumps(row)}\n{json.dumps(row)}\n")
+    return str(folder)
+
+
+def test_core_yaml_reads_to_the_same_tasks_as_its_json_twin(tmp_path):
+    assert yaml.safe_load(CORE_YAML) == CORE_CONFIG
+    from_yaml = load_core_bundle(_bundle(tmp_path, "core.yaml", CORE_YAML))
+    assert from_yaml == load_core_bundle(_bundle(tmp_path, "core.json", json.dumps(CORE_CONFIG)))
+    assert [(t.label, t.task_type, t.num_fewshot, t.delimiter, t.random_baseline) for t in from_yaml] == [
+        ("jeopardy", "language_modeling", 10, "\nAnswer: ", 0.0), ("it's", "schema", 0, " ", 50.0),
+        ("arc", "multiple_choice", 3, " ", 25.0)]
+    assert load_core_bundle(_bundle(tmp_path, "core.yaml", "# no tasks yet\n")) == []
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("icl_tasks:\n- label: a\n  bad: [1, 2\n", "is not valid YAML (line "),
+    ("- label: a\n", "must be a mapping with an `icl_tasks:` list, not a list"),
+])
+def test_a_broken_core_yaml_is_one_line_naming_the_file(tmp_path, text, fragment):
+    with pytest.raises(ValueError) as e:
+        load_core_bundle(_bundle(tmp_path, "core.yaml", text))
+    assert fragment in str(e.value) and "core.yaml" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_core_prompts_are_rendered_as_nanochat_renders_them():

@@ -1,17 +1,15 @@
-"""Validation bits per byte in the three views that matter for LRT.
+"""Validation bits per byte in every view of the model.
 
 Design choices:
 - bpb = sum of target-token losses (nats) / (ln 2 * bytes of those targets);
   targets that stand for no bytes (BOS) are left out of both sums, so the
   figure is tokenizer-independent (nanochat's definition).
-- Views: `full` (one pass, zero memory), `merged` (the training strategy's
-  passes, each position from the last pass that computed it) and
-  `sequential` (true recurrence through the KV cache: what decoding gives).
-  The baseline has only `full`. For LRT `val_bpb` is the sequential view and
+- Views as in `views.py`: `val_bpb` is the headline view (sequential for
+  LRT, full for the baseline), `val_bpb_<view>` each view, and for LRT
   `interleave_gap` = merged - sequential says how far the parallel training
   view is from what a user gets at decode time.
-- Sequential bpb is also reported per position bucket (quarters of the
-  sequence), showing how much the memory helps as context grows.
+- The headline view's bpb is also reported per position bucket (quarters of
+  the sequence), showing how much the memory helps as context grows.
 """
 
 from __future__ import annotations
@@ -21,8 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .model import GPT
-from .recurrence import forward_passes, sequential_logits
+from ..model import GPT
+from ..recurrence import forward_passes, sequential_logits
+from .views import headline_view, view_names
 
 N_BUCKETS = 4
 
@@ -52,7 +51,7 @@ def evaluate_bpb(model: GPT, rows: torch.Tensor, token_bytes: torch.Tensor, batc
     model.eval()
     T = rows.shape[1] - 1
     lrt = model.rec is not None
-    views = ("full", "merged", "sequential") if lrt else ("full",)
+    views = view_names(lrt)
     tallies = {v: _Tally(T, device) for v in views}
     token_bytes = token_bytes.to(device)
     ctx = autocast if autocast is not None else torch.autocast(device.type if hasattr(device, "type") else "cpu", enabled=False)
@@ -69,7 +68,7 @@ def evaluate_bpb(model: GPT, rows: torch.Tensor, token_bytes: torch.Tensor, batc
                 tallies["sequential"].add(sequential, targets, token_bytes)
     model.train(was_training)
     out = {f"val_bpb_{v}": tallies[v].bpb() for v in views}
-    main = "sequential" if lrt else "full"
+    main = headline_view(lrt)
     out["val_bpb"] = out[f"val_bpb_{main}"]
     if lrt:
         out["interleave_gap"] = out["val_bpb_merged"] - out["val_bpb_sequential"]
