@@ -395,10 +395,14 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
             save_checkpoint()
     progress.close()
     save_checkpoint()
-    icl = {}
+    icl, notes = {}, []
     if rank == 0 and step >= total_steps:
-        icl = evaluate_icl(model, tokenizer, val_rows, cfg.icl, device, autocast,
-                           log=lambda note: print(note, file=sys.stderr))
+        def note(text: str) -> None:  # shown live with progress; always returned (a sweep summarises them once)
+            notes.append(text)
+            if cfg.progress:
+                print(text, file=sys.stderr)
+
+        icl = evaluate_icl(model, tokenizer, val_rows, cfg.icl, device, autocast, log=note)
 
     final = dict(evals[-1])
     for key in ("step", "tokens", "flops"):
@@ -417,6 +421,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         "wall_s": time.time() - t_start,
         **final,
         **icl,
+        **({"notes": "\n".join(notes)} if notes else {}),
         "evals": [{k: v for k, v in e.items() if k != "val_bpb_by_position"} for e in evals],
     }
     emit({"event": "done", **metrics})

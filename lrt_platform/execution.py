@@ -602,12 +602,15 @@ class ProgressLog(tune.Callback):
     - Overall: a tqdm bar (trials done / total, Tune's running and queued counts, tqdm's ETA) on a terminal;
       where stderr is not a terminal (CI logs, a pipe) a plain line after each finished trial instead.
     - `quiet` keeps only the per-trial end lines.
+    - Notes of the trials' final evaluations (ICL evaluations the settings skip, say) are printed once
+      for the whole sweep when it ends, not once per trial.
     `total` is the number of trials the sweep expects over all its phases; on --resume, trials finished
     before are not counted again, so the bar counts this run's trials."""
 
     def __init__(self, total: int = 0, quiet: bool = False):
         self.total, self.quiet = total, quiet
         self.done, self.started, self.printed, self.t0 = 0, {}, {}, time.time()
+        self.notes: dict[str, str] = {}  # note -> the first trial that gave it
         self.bar = None
         if not quiet and total:
             from tqdm import tqdm
@@ -647,6 +650,8 @@ class ProgressLog(tune.Callback):
         r = trial.last_result or {}
         tid = r.get("lrt_trial_id", trial.trial_id)
         bpb = f"val_bpb {r['val_bpb']:.4f}" if isinstance(r.get("val_bpb"), float) else "no eval"
+        for line in str(r.get("notes") or "").splitlines():  # e.g. ICL evaluations the settings skip
+            self.notes.setdefault(line, tid)
         if r.get("diverged"):
             print(f"[sweep] DIVERGED {tid} (not retried: it would diverge again): {r.get('diverged_reason')}",
                   flush=True)
@@ -678,8 +683,13 @@ class ProgressLog(tune.Callback):
             self.bar.set_postfix_str(_counts(trials), refresh=True)
 
     def close(self) -> None:
+        """Close the bar; then the trials' notes, each once for the whole sweep (not once per trial)."""
         if self.bar is not None:
             self.bar.close()
+        if self.notes:
+            print(f"[sweep] notes from the trials' final evaluations ({len(self.notes)}, each once):", flush=True)
+            for line in self.notes:
+                print(f"  {line}", flush=True)
 
 
 def _counts(trials) -> str:

@@ -176,7 +176,7 @@ def test_progress_lines_per_evaluation_and_overall(capsys):
           "val_bpb": 2.5, "val_bpb_sequential": 2.5}
     log.on_trial_result(0, [a, b], a, ev)
     log.on_trial_result(0, [a, b], a, {**ev, "checkpoint_step": 10})  # a checkpoint repeats the last eval
-    a.last_result = {**ev, "complete": True, "steps": 40, "wall_s": 3.0}
+    a.last_result = {**ev, "complete": True, "steps": 40, "wall_s": 3.0, "notes": "icl: copy skipped\nicl: k=8 skipped"}
     a.status = "TERMINATED"
     log.on_trial_complete(0, [a, b], a)
     out = capsys.readouterr().out.splitlines()
@@ -188,6 +188,11 @@ def test_progress_lines_per_evaluation_and_overall(capsys):
     quiet.on_trial_result(0, [a], a, {**ev, "step": 20})
     quiet.on_trial_complete(0, [a], a)
     assert [l.split()[1] for l in capsys.readouterr().out.splitlines()] == ["done"]
+    b.last_result = {**a.last_result, "lrt_trial_id": "b0-s1-lrt", "notes": "icl: copy skipped"}
+    log.on_trial_complete(0, [a, b], b)
+    capsys.readouterr()
+    log.close()  # every distinct note once for the sweep, however many trials gave it
+    assert capsys.readouterr().out.splitlines()[1:] == ["  icl: copy skipped", "  icl: k=8 skipped"]
 
 
 def test_a_trial_stopped_by_the_scheduler_is_pruned_in_the_study(tmp_path):

@@ -243,3 +243,16 @@ def test_cli_bad_corpus_is_one_clear_line(tmp_path, case, fragment):
     assert "Traceback" not in r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if l]
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], r.stderr
+
+
+def test_final_evaluation_notes_are_returned_and_printed_only_with_progress(capsys, monkeypatch):
+    """A sweep trains with progress off and summarises the notes once; the CLI shows them as they come."""
+    from lrt_model.evaluation import icl as icl_mod
+
+    settings = {"evals": ["copy"], "ks": [1, 8], "items": 2}
+    for progress in (False, True):
+        monkeypatch.setattr(icl_mod, "_said", set())  # each message is said once per process
+        m = train(tiny(icl=settings, progress=progress, tokens=2 * 4 * 32))
+        assert "copy k=8 skipped" in m["notes"] and "seq_len 32" in m["notes"]
+        err = capsys.readouterr().err
+        assert ("copy k=8 skipped" in err) == progress
