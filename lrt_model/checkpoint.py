@@ -4,9 +4,9 @@ Design choices:
 - Everything in a checkpoint is a tensor, a number, a string or a plain
   container, so it loads with `torch.load(weights_only=True)`: no pickled
   code runs when a user opens a checkpoint from someone else.
-- Atomic: the bytes go to a temporary name, then a rename (local) or a single
-  PUT (S3: an object appears whole or not at all). A crash mid-write leaves
-  the previous checkpoint intact.
+- Atomic (`fs.write_atomic`): the bytes go to a temporary name, then a rename
+  (local) or a single PUT (S3: an object appears whole or not at all). A
+  crash mid-write leaves the previous checkpoint intact.
 - Checked: torch's zip reader loads a checkpoint with a flipped byte without
   complaint (measured: torch 2.13 returned different weights), so each file
   ends with a SHA-256 of its bytes (`TRAILER`, which `torch.load` ignores).
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import sys
-import uuid
 
 import pyarrow.fs as pafs
 import torch
+
+from .fs import resolve, write_atomic
 
 LATEST = "latest.pt"
 PREVIOUS = "previous.pt"
@@ -35,52 +35,17 @@ class CheckpointError(RuntimeError):
     """Every checkpoint in a directory is damaged; the message names the files and the fix."""
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix: the one
-    resolver that data, tokenizers, checkpoints and sweep storage all go through."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    fs, path = pafs.FileSystem.from_uri(uri)
-    # S3 answers 500 InternalError and 503 SlowDown under load; they must be retried with backoff.
-    # Measured (pyarrow 25, the fault proxy of tests/test_s3.py): from_uri's filesystem retries them
-    # every 200 ms and gives up after 6 s, so 8 s of throttling failed a read or a write.
-    # AwsDefaultS3RetryStrategy (10 retries: one at once, then after 0.05 s doubling to 12.8 s, ~25 s in
-    # all) rode it out.
-    # AwsStandardS3RetryStrategy adds jitter, but pyarrow never refills its retry budget: one filesystem
-    # stopped retrying at its 101st fault. from_uri's other settings (endpoint, bucket region, source of
-    # credentials) are kept via __reduce__, unless the URI has a query option S3FileSystem() cannot take.
-    from urllib.parse import parse_qsl, urlsplit
-
-    rebuildable = {"region", "scheme", "endpoint_override", "allow_delayed_open", "allow_bucket_creation",
-                   "allow_bucket_deletion", "tls_ca_file_path"}
-    if (isinstance(fs, pafs.S3FileSystem)
-            and {k for k, _ in parse_qsl(urlsplit(uri).query, keep_blank_values=True)} <= rebuildable):
-        fs = pafs.S3FileSystem(**fs.__reduce__()[1][0], retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=10))
-    return fs, path
-
-
 def save(state: dict, directory: str, name: str = LATEST) -> str:
     """Write state atomically with its checksum; the checkpoint it replaces becomes previous.pt."""
     fs, root = resolve(directory)
-    fs.create_dir(root, recursive=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
     data += TRAILER + hashlib.sha256(data).hexdigest().encode()
     final = f"{root}/{name}"
-    keep = name == LATEST and fs.get_file_info(final).type == pafs.FileType.File
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{root}/.{name}.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        if keep:  # a crash between these renames leaves previous.pt, which load() falls back to
-            fs.move(final, f"{root}/{PREVIOUS}")
-        fs.move(tmp, final)  # rename: atomic on a POSIX filesystem
-    else:
-        if keep:
-            fs.copy_file(final, f"{root}/{PREVIOUS}")
-        with fs.open_output_stream(final) as f:  # one PUT: atomic on object stores
-            f.write(data)
+    # the replaced latest.pt becomes previous.pt; a crash between the two renames leaves previous.pt,
+    # which load() falls back to
+    write_atomic(fs, final, data, backup=PREVIOUS if name == LATEST else None)
     return final
 
 

@@ -49,7 +49,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from .checkpoint import resolve
+from .fs import resolve
 
 SHARD_BYTES = 8 * 1024 * 1024  # train shard size target: a shard packs in about a second
 VAL_MODULUS = 20  # crc32(relpath) % 20 == 0 -> validation (~5% of documents)

@@ -22,6 +22,7 @@ import time
 import torch
 
 from . import checkpoint as ckpt
+from .config import ConfigError
 from .data import DataError, resolve_corpus
 from .decode import DECODE_MODES, generate
 from .model import GPT
@@ -31,19 +32,20 @@ from .train import TrainConfig, _autocast, _device
 
 def load_model(checkpoint_dir: str, device: torch.device, corpus: str | None = None) -> tuple[GPT, object, TrainConfig]:
     """(model in eval mode on `device`, its tokenizer, its TrainConfig) from a training checkpoint.
-    `corpus`: where the training corpus (and a BPE tokenizer saved next to it) is now, if moved."""
+    `corpus`: where the training corpus (and a BPE tokenizer saved next to it) is now, if moved.
+    A one-line ConfigError when there is no checkpoint, DataError when its tokenizer cannot be found."""
     state = ckpt.load(checkpoint_dir)
     if state is None:
         hint = " (pass the directory that holds latest.pt, not the file)" if checkpoint_dir.endswith(".pt") else ""
-        raise SystemExit(f"no checkpoint in {checkpoint_dir}{hint}: train with --checkpoint-dir {checkpoint_dir} "
-                         "(or pass a sweep trial's checkpoint directory)")
+        raise ConfigError(f"no checkpoint in {checkpoint_dir}{hint}: train with --checkpoint-dir {checkpoint_dir} "
+                          "(or pass a sweep trial's checkpoint directory)")
     cfg = TrainConfig.from_dict(state["config"])
     tokenizer = ByteTokenizer()
     if cfg.tokenizer != "byte":  # a BPE is loaded from next to the corpus, never retrained here
         try:
             tokenizer = get_tokenizer(cfg.tokenizer, resolve_corpus(corpus or cfg.corpus), train_if_missing=False)
         except DataError as e:
-            raise SystemExit(f"{e} (trained on --corpus {cfg.corpus}; pass --corpus DIR where it is now)") from None
+            raise DataError(f"{e} (trained on --corpus {cfg.corpus}; pass --corpus DIR where it is now)") from None
     model = GPT(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, cfg
@@ -73,7 +75,10 @@ def main(argv=None) -> int:
     if args.top_k < 0:
         p.error("--top-k must be >= 0 (0 = no top-k filter)")
     device = _device(args.device)
-    model, tokenizer, cfg = load_model(args.checkpoint_dir, device, args.corpus)
+    try:
+        model, tokenizer, cfg = load_model(args.checkpoint_dir, device, args.corpus)
+    except (ConfigError, DataError) as e:
+        raise SystemExit(str(e)) from None  # the message on stderr, exit status 1
     ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     if len(ids) + args.tokens > cfg.model.seq_len:
         print(f"[sample] note: {len(ids)} prompt + {args.tokens} new tokens exceed the trained sequence length "

@@ -29,16 +29,13 @@ Example:
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
-import uuid
 from typing import Iterable
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from lrt_model.checkpoint import resolve
+from lrt_model.fs import resolve, write_atomic
 from lrt_model.data import DataError, iter_texts, resolve_corpus
 
 BOS = "<|bos|>"
@@ -161,33 +158,10 @@ def _read_text(uri: str) -> str:
 
 
 def _write_text_atomic(uri: str, text: str, replace: bool = True) -> None:
-    """Readers never see a half-written file: temp file + rename locally; object stores put atomically.
-
-    replace=False publishes only if the file is absent (os.link fails on an
-    existing name), so racing trainers agree on the first file written.
-    """
-    if "://" in uri:
-        fs, path = resolve(uri)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as f:
-            f.write(text.encode("utf-8"))
-        return
-    uri = os.path.abspath(uri)
-    os.makedirs(os.path.dirname(uri), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(uri), prefix=f".tokenizer-{uuid.uuid4().hex[:8]}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        if replace:
-            os.replace(tmp, uri)
-        else:
-            try:
-                os.link(tmp, uri)
-            except FileExistsError:
-                pass  # another process published first: its file wins
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Readers never see a half-written file (`fs.write_atomic`). replace=False publishes only if the file
+    is absent, so racing trainers agree on the first file written."""
+    fs, path = resolve(uri)
+    write_atomic(fs, path, text.encode("utf-8"), replace=replace)
 
 
 def _exists(uri: str) -> bool:

@@ -45,7 +45,7 @@ from .config import (FRACTION_FIELDS, LR_FIELDS, MAX_BATCH, MAX_BUDGET, MAX_SEED
                      RecurrenceConfig, check_bool, check_icl, check_int, check_number, check_optim, from_mapping,
                      short_repr)
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
-from .evaluation import VIEWS, evaluate_bpb, evaluate_icl, icl_config
+from .evaluation import VIEWS, check_inputs, evaluate_bpb, evaluate_icl, icl_config
 from .flops import mean_flops_per_token, peak_flops, run_flops_per_token, training_flops
 from .model import GPT
 from .optim import OptimConfig, build_optimizers, set_schedule
@@ -91,7 +91,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Every field's type and range, before anything is built: a JSON config can hold any type, and a
-        flag any number (inf, nan). Raises a one-line ConfigError naming the field."""
+        flag any number (inf, nan); and the files only the end of the run reads (the ICL evaluation's CORE
+        bundle), so a wrong path fails now, not after training. Raises a one-line ConfigError naming the field."""
         if not isinstance(self.model, ModelConfig):
             raise ConfigError(f"model={short_repr(self.model)} must be a mapping of model settings")
         self.model.validate()
@@ -132,6 +133,7 @@ class TrainConfig:
         if self.stop_after_steps is not None:
             check_int("stop_after_steps", self.stop_after_steps, 0, MAX_BATCH)
         check_icl(self.icl)
+        check_inputs(self.icl)  # the CORE bundle evaluate_icl reads at the end
         return self
 
 
@@ -252,6 +254,34 @@ def divergence_cause(cfg: TrainConfig, mcfg: ModelConfig, step: int, first: tupl
                              f"or lengthen warm-up (optim.warmup_frac={o.warmup_frac:g}){trend}")
 
 
+@dataclasses.dataclass
+class TrainState:
+    """What a run carries from one step to the next, and so what a checkpoint holds besides its config:
+    the keys are listed once, in `state_dict`, for saving and for resuming (`load_state_dict`)."""
+
+    model: nn.Module
+    optimizers: list
+    loader: TokenLoader
+    step: int = 0
+    evals: list = dataclasses.field(default_factory=list)  # every evaluation point so far
+    train_seconds: float = 0.0  # time in training steps only (not evaluation, not checkpoints)
+    train_loss: float = float("nan")  # the last step's loss
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "loader": self.loader.state_dict(), "rng": torch.get_rng_state(), "step": self.step,
+                "evals": self.evals, "train_seconds": self.train_seconds, "train_loss": self.train_loss}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        for opt, s in zip(self.optimizers, saved["optimizers"]):
+            opt.load_state_dict(s)
+        self.loader.load_state_dict(saved["loader"])
+        torch.set_rng_state(saved["rng"])
+        self.step, self.evals = saved["step"], saved["evals"]
+        self.train_seconds, self.train_loss = saved["train_seconds"], saved["train_loss"]
+
+
 def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     """Train one model; returns the final metrics (also passed to the callback
     as {"event": "done", ...}). Events: "eval", "checkpoint", "done", and
@@ -264,7 +294,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     autocast = _autocast(device, cfg.dtype)
 
-    icl_config(cfg.icl)  # a bad ICL setting fails now, not after hours of training
+    # a bad ICL setting, or a CORE bundle that is missing or broken, fails now, not after hours of training;
+    # only rank 0 evaluates, so only rank 0 needs the bundle
+    (check_inputs if rank == 0 else icl_config)(cfg.icl)
     corpus = resolve_corpus(cfg.corpus)
     tokenizer = get_tokenizer(cfg.tokenizer, corpus)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
@@ -295,65 +327,49 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     val_rows = validation_rows(corpus, tokenizer, T, max(1, cfg.eval_tokens // T))
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64)
 
-    step, evals, train_seconds, last_loss = 0, [], 0.0, float("nan")
+    state = TrainState(model, optimizers, loader)
     if cfg.checkpoint_dir:
-        state = ckpt.load(cfg.checkpoint_dir)
-        if state is not None:
-            _check_same_run(state["config"], cfg)
-            model.load_state_dict(state["model"])
-            for opt, s in zip(optimizers, state["optimizers"]):
-                opt.load_state_dict(s)
-            loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["rng"])
-            step, evals = state["step"], state["evals"]
-            train_seconds, last_loss = state["train_seconds"], state["train_loss"]
+        saved = ckpt.load(cfg.checkpoint_dir)
+        if saved is not None:
+            _check_same_run(saved["config"], cfg)
+            state.load_state_dict(saved)
 
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def evaluate() -> dict:
         metrics = evaluate_bpb(model, val_rows, token_bytes, cfg.batch_size * 4, device, autocast)
-        point = {"step": step, "tokens": step * total_batch, "flops": flops_done(), **metrics}
-        evals.append(point)
+        point = {"step": state.step, "tokens": state.step * total_batch, "flops": flops_done(), **metrics}
+        state.evals.append(point)
         speed = {"tokens_per_s": _tok_s()}
         if peak:  # model FLOPs utilisation, from the FLOPs module and the card's bf16 peak
-            speed["mfu"] = flops_done() / train_seconds / (peak * world) if train_seconds > 0 else 0.0  # all ranks
-        emit({"event": "eval", "train_loss": last_loss, **speed, **point})
+            busy = state.train_seconds * peak * world  # all ranks
+            speed["mfu"] = flops_done() / busy if busy > 0 else 0.0
+        emit({"event": "eval", "train_loss": state.train_loss, **speed, **point})
         return point
 
     def _tok_s() -> float:
-        return (step * total_batch) / train_seconds if train_seconds > 0 else 0.0
+        return (state.step * total_batch) / state.train_seconds if state.train_seconds > 0 else 0.0
 
     def flops_done() -> float:  # exact and cumulative: each step at its scheduled passes
-        return training_flops(mcfg, step, total_batch, total_steps)
+        return training_flops(mcfg, state.step, total_batch, total_steps)
 
     def save_checkpoint() -> None:
         if not cfg.checkpoint_dir or rank != 0:
             return
-        state = {
-            "model": model.state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers],
-            "loader": loader.state_dict(),
-            "rng": torch.get_rng_state(),
-            "step": step,
-            "evals": evals,
-            "train_seconds": train_seconds,
-            "train_loss": last_loss,
-            "config": cfg.to_dict(),
-        }
-        path = ckpt.save(state, cfg.checkpoint_dir)
-        emit({"event": "checkpoint", "step": step, "path": path, "checkpoint_dir": cfg.checkpoint_dir})
+        path = ckpt.save({**state.state_dict(), "config": cfg.to_dict()}, cfg.checkpoint_dir)
+        emit({"event": "checkpoint", "step": state.step, "path": path, "checkpoint_dir": cfg.checkpoint_dir})
 
-    if step == 0 and not evals:
+    if state.step == 0 and not state.evals:
         evaluate()
     progress = Progress(cfg.progress and rank == 0, total_steps)
     progress.tokens_per_step = total_batch
     model.train()
     stop_at = min(total_steps, cfg.stop_after_steps) if cfg.stop_after_steps is not None else total_steps
     first_loss = None  # (step, loss) of this process's first step: the trend a divergence reports
-    while step < stop_at:
+    while state.step < stop_at:
         t0 = time.time()
-        set_schedule(optimizers, step, total_steps, cfg.optim)
-        passes = mcfg.recurrence.passes_at(step, total_steps) if mcfg.recurrence else None  # a function of step alone
+        set_schedule(optimizers, state.step, total_steps, cfg.optim)
+        passes = mcfg.recurrence.passes_at(state.step, total_steps) if mcfg.recurrence else None  # a function of step alone
         loss_sum = 0.0
         for micro in range(grad_accum):
             inputs, targets = (t.to(device) for t in loader.next_batch())
@@ -376,27 +392,28 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
             seen = flag.item()
         if not math.isfinite(seen):
             progress.close()
-            last = (step - 1, last_loss) if math.isfinite(last_loss) else None
-            cause, why = divergence_cause(cfg, mcfg, step, first_loss, last)
+            last = (state.step - 1, state.train_loss) if math.isfinite(state.train_loss) else None
+            cause, why = divergence_cause(cfg, mcfg, state.step, first_loss, last)
             where = "" if math.isfinite(loss_now) == math.isfinite(seen) or world == 1 else " on another rank"
-            reason = f"diverged at step {step}: train loss is {seen}{where}; {why}"
-            emit({"event": "diverged", "step": step, "tokens": step * total_batch, "reason": reason, "cause": cause})
-            raise Diverged(step, reason, cause)
-        last_loss = loss_now
-        first_loss = first_loss or (step, loss_now)
+            reason = f"diverged at step {state.step}: train loss is {seen}{where}; {why}"
+            emit({"event": "diverged", "step": state.step, "tokens": state.step * total_batch, "reason": reason,
+                  "cause": cause})
+            raise Diverged(state.step, reason, cause)
+        state.train_loss = loss_now
+        first_loss = first_loss or (state.step, loss_now)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        train_seconds += time.time() - t0
-        step += 1
-        progress.update(step, last_loss, _tok_s())
-        if step % eval_every == 0 or step == total_steps:
+        state.train_seconds += time.time() - t0
+        state.step += 1
+        progress.update(state.step, state.train_loss, _tok_s())
+        if state.step % eval_every == 0 or state.step == total_steps:
             evaluate()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < stop_at:
             save_checkpoint()
     progress.close()
     save_checkpoint()
     icl, notes = {}, []
-    if rank == 0 and step >= total_steps:
+    if rank == 0 and state.step >= total_steps:
         def note(text: str) -> None:  # shown live with progress; always returned (a sweep summarises them once)
             notes.append(text)
             if cfg.progress:
@@ -404,25 +421,25 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
 
         icl = evaluate_icl(model, tokenizer, val_rows, cfg.icl, device, autocast, log=note)
 
-    final = dict(evals[-1])
+    final = dict(state.evals[-1])
     for key in ("step", "tokens", "flops"):
         final.pop(key, None)
     metrics = {
         "params": n_params,
         "param_overhead": model.param_overhead(),
-        "tokens": step * total_batch,
+        "tokens": state.step * total_batch,
         "flops": flops_done(),
         "flops_per_token": flops_per_token,
-        "steps": step,
+        "steps": state.step,
         "total_steps": total_steps,
-        "finished": step >= total_steps,
-        "train_loss": last_loss,
+        "finished": state.step >= total_steps,
+        "train_loss": state.train_loss,
         "tokens_per_s": _tok_s(),
         "wall_s": time.time() - t_start,
         **final,
         **icl,
         **({"notes": "\n".join(notes)} if notes else {}),
-        "evals": [{k: v for k, v in e.items() if k != "val_bpb_by_position"} for e in evals],
+        "evals": [{k: v for k, v in e.items() if k != "val_bpb_by_position"} for e in state.evals],
     }
     emit({"event": "done", **metrics})
     return metrics

@@ -45,7 +45,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .compare import power_law  # noqa: E402
+from .scaling import power_law  # noqa: E402
 
 
 def _figure(w: float = 7.0, h: float = 4.5):

@@ -7,24 +7,34 @@ Design choices:
 - Local paths are made absolute once, in the driver: Ray Tune changes each
   trial's working directory, so a relative path would point somewhere else
   inside a trial.
-- Layout of one sweep (`spec_hash` keeps two versions of a spec apart):
+- Layout of one sweep (`sweep_root`; `spec_hash` keeps two versions of a
+  spec apart):
     <storage>/<experiment>/<spec_hash>/
-        tune/ or tune-grid/, tune-search/   Ray Tune experiment state (Tuner.restore reads it)
-        trials/<trial_id>/ckpt/latest.pt    the trainer's own checkpoint (train() resumes from it)
+        grid/, search/, tune-<budget_id>-<arm>/   Ray Tune experiment state, one folder per phase
+                                                  (Tuner.restore reads it)
+        trials/<trial_id>/ckpt/latest.pt    the trainer's own checkpoint (`checkpoint_dir`; train()
+                                            resumes from it), previous.pt the one before
         trials/<trial_id>/progress.json     attempts and last checkpoint step (cheap to read)
         trials/<trial_id>/tracking.json     the trial's tracking journal (outbox.py)
         sweep_tracking.json                 the sweep run's end, while an outage keeps trial records
-        train/                              Ray Train run state for multi-worker trials
-        optuna.db                           Optuna study (local storage only)
-- Small JSON files are written whole (local: temp file + rename) so a crash
-  never leaves half a file.
+        train/<trial_id>-a<attempt>/        Ray Train run state for multi-worker trials
+        optuna.db                           Optuna studies (`optuna_url`); an s3:// sweep keeps it in
+                                            ./runs/<experiment>/<spec_hash>/ instead (sqlite needs a
+                                            local file); a search spec's search.storage may name another
+- Small JSON files are written whole (`lrt_model.fs.write_atomic`: local
+  temp file + rename, one PUT on S3) so a crash never leaves half a file.
 
 Example:
+    >>> import tempfile
     >>> from lrt_platform import storage
-    >>> root = storage.sweep_root("./runs", "quickstart", "3f1c0a9e2b7d")
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = storage.sweep_root(tmp.name, "quickstart", "3f1c0a9e2b7d")
+    >>> root[len(tmp.name):], storage.checkpoint_dir(root, "d2-tok1e6-s0-baseline")[len(root):]
+    ('/quickstart/3f1c0a9e2b7d', '/trials/d2-tok1e6-s0-baseline/ckpt')
     >>> storage.write_json(storage.join(root, "note.json"), {"ok": True})
     >>> storage.read_json(storage.join(root, "note.json"))
     {'ok': True}
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -32,15 +42,10 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 
 import pyarrow.fs as pafs
 
-from lrt_model.checkpoint import resolve  # the one pyarrow filesystem resolver
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
+from lrt_model.fs import is_uri, resolve, write_atomic  # the one resolver and atomic write
 
 
 def absolute(path: str) -> str:
@@ -89,16 +94,7 @@ def read_json(uri: str, attempts: int = 6) -> dict | None:
 
 def write_json(uri: str, obj: dict) -> None:
     fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)  # atomic rename
-    else:
-        with fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
-            f.write(data)
+    write_atomic(fs, path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def remove_tree(uri: str) -> None:

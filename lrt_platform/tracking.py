@@ -1,6 +1,6 @@
 """MLflow tracking for sweeps: one parent run per sweep, one nested child run per trial.
 
-This is the only module that calls MLflow (DESIGN.md); `compare` reads runs
+This is the only module that calls MLflow (a design rule); `compare` reads runs
 through `Tracker.load_sweep` and gets plain dicts back.
 
 Design choices:

@@ -2,7 +2,7 @@
 
 Design choices:
 - One server per session: a new sqlite database takes 25-50 s to answer
-  /health on these machines (FACTS.md), far too slow per test. Tests isolate
+  /health on these machines (measured), far too slow per test. Tests isolate
   themselves by experiment name instead.
 - sqlite backend + `--artifacts-destination` in the session temp dir: the
   server proxies artifacts (experiments get `mlflow-artifacts:/` locations),

@@ -1,4 +1,5 @@
-"""Checkpoints: a damaged latest checkpoint is detected by its checksum and the previous one is used."""
+"""Checkpoints: a damaged latest checkpoint is detected by its checksum and the previous one is used;
+the atomic write under them (lrt_model.fs)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from lrt_model import checkpoint as ckpt
+from lrt_model import fs as lfs
 from lrt_model.config import ModelConfig
 from lrt_model.train import TrainConfig, train
 
@@ -80,7 +82,22 @@ def test_damaged_checkpoint_on_s3_gives_way_to_previous(s3_bucket):
     uri = f"s3://{s3_bucket}/ckpt"
     ckpt.save(_state(1), uri)
     ckpt.save(_state(2), uri)
-    fs, root = ckpt.resolve(uri)
+    fs, root = lfs.resolve(uri)
     with fs.open_output_stream(f"{root}/latest.pt") as f:
         f.write(b"not a checkpoint")
     assert ckpt.load(uri)["step"] == 1
+
+
+def test_write_atomic_replaces_keeps_a_backup_or_keeps_the_first_file(tmp_path, monkeypatch):
+    fs, path = lfs.resolve(str(tmp_path / "sub" / "f.bin"))
+    lfs.write_atomic(fs, path, b"one")  # creates its folder
+    lfs.write_atomic(fs, path, b"two", backup="f.old")
+    lfs.write_atomic(fs, path, b"three", replace=False)  # first writer wins
+    assert (tmp_path / "sub" / "f.bin").read_bytes() == b"two" and (tmp_path / "sub" / "f.old").read_bytes() == b"one"
+    with pytest.raises(ValueError, match="replace=True"):
+        lfs.write_atomic(fs, path, b"x", replace=False, backup="f.old")
+
+    with pytest.raises(TypeError):  # the write fails after the temporary file was opened
+        lfs.write_atomic(fs, path, "not bytes")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["f.bin", "f.old"]  # no temp file left
+    assert (tmp_path / "sub" / "f.bin").read_bytes() == b"two"

@@ -25,6 +25,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lrt_platform import compare as cmp
+from lrt_platform import scaling
 from lrt_platform.plots import make_plots
 from lrt_platform.tracking import Tracker
 
@@ -154,19 +155,19 @@ def test_report_arithmetic_is_exact(scaling_sweep, mlflow_server):
 def test_power_law_fit_and_log_linear_fallback():
     truth = {"E": 1.7, "A": 350.0, "alpha": 0.25}
     c = [1e12, 1e13, 1e14, 1e15, 1e16]
-    fit = cmp.fit_power_law(c, [law(truth, x) for x in c])
+    fit = scaling.fit_power_law(c, [law(truth, x) for x in c])
     for k in truth:
         assert fit[k] == pytest.approx(truth[k], rel=1e-9)
     assert fit["rmse"] < 1e-12
-    assert cmp.fit_power_law(c[:2], [2.0, 1.9]) is None  # < 3 budgets
+    assert scaling.fit_power_law(c[:2], [2.0, 1.9]) is None  # < 3 budgets
     # No fit: L linear in log10 C between (1e15, 1.0) and (1e16, 0.9).
     pts = [(1e15, 1.0), (1e16, 0.9)]
-    m = cmp.compute_multiplier(0.95, 1e15, pts, None)
+    m = scaling.compute_multiplier(0.95, 1e15, pts, None)
     assert m["method"] == "log_linear" and not m["extrapolated"]
     assert m["baseline_flops_needed"] == pytest.approx(10**15.5, rel=1e-12)
-    m = cmp.compute_multiplier(0.85, 1e16, pts, None)
+    m = scaling.compute_multiplier(0.85, 1e16, pts, None)
     assert m["extrapolated"] and m["value"] == pytest.approx(10**16.5 / 1e16, rel=1e-12)
-    assert cmp.compute_multiplier(0.85, 1e16, pts[:1], None)["value"] is None
+    assert scaling.compute_multiplier(0.85, 1e16, pts[:1], None)["value"] is None
 
 
 # ---------------------------------------------------------------------------
@@ -650,3 +651,72 @@ def test_compare_reads_the_experiment_and_tracking_uri_from_a_spec(tmp_path, cap
     err = capsys.readouterr().err
     assert "'quickstart_tiny' not found" in err and f"{tmp_path}/elsewhere.db" in err and len(err.splitlines()) == 1
     assert main([]) == 2 and "give a sweep spec" in capsys.readouterr().err
+
+
+def test_units_are_si_as_in_the_planner():
+    """compare and the planner's dry run share render.si: k, M, G, T, P, E (never K or B)."""
+    from lrt_platform.render import si
+
+    report = _report([_run("baseline", "b0", 0, 2.3, 1.2e16), _run("lrt", "b0", 0, 2.2, 1.2e16)])
+    header, rows = cmp.table_rows(report)
+    base = dict(zip(header, rows[0]))
+    assert (base["tokens"], base["params"], base["tok/param"]) == ("2G", "1M", "2k")  # 2e9 tokens, 1e6 params
+    assert [si(x) for x in (999, 1e3, 1.5e6, 2e9, 3e12, 4e15, 5e18)] == ["999", "1k", "1.5M", "2G", "3T", "4P", "5E"]
+    assert si(None) == "n/a" and si(123_456, 4) == "123.5k"
+
+
+def _import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the modules of the package at `root` it imports, at module level or inside functions
+    (every ast node)."""
+    import ast
+
+    package = root.name
+    modules = {p.stem: p for p in root.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                absolute = node.level == 0 and node.module and node.module.split(".")[0] == package
+                if node.level == 1 or absolute:  # from .x import y / from . import x / from package.x import y
+                    parts = (node.module or "").split(".")[1 if absolute else 0:]
+                    deps |= {parts[0]} if parts and parts[0] else {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith(package + ".")}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_lrt_platform_has_no_import_cycle(tmp_path):
+    # the check itself: a function-level import closes a cycle as well as a module-level one
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("import pkg.c\n")
+    (pkg / "c.py").write_text("def f():\n    from pkg.a import g\n")
+    assert _cycle(_import_graph(pkg)) == ["a", "b", "c", "a"]
+
+    graph = _import_graph(Path(__file__).resolve().parents[1] / "lrt_platform")
+    assert {"compare", "plots", "scaling", "render", "planner"} <= set(graph)
+    assert "scaling" in graph["plots"] and "compare" not in graph["plots"]  # the cycle this replaced
+    assert _cycle(graph) is None, "import cycle: " + " -> ".join(_cycle(graph))

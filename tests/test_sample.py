@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lrt_model import sample
-from lrt_model.config import ModelConfig, RecurrenceConfig
+from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
 from lrt_model.decode import generate
 from lrt_model.tokenizer import ByteTokenizer
 from lrt_model.train import TrainConfig, train
@@ -38,6 +38,8 @@ def test_sample_cli_decodes_with_the_trained_model(tmp_path, capsys, rec):
 def test_sample_without_a_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint in .*: train with --checkpoint-dir"):
         sample.main([str(tmp_path / "nothing"), "--device", "cpu"])
+    with pytest.raises(ConfigError, match="no checkpoint in .*: train with --checkpoint-dir"):  # the library: typed
+        sample.load_model(str(tmp_path / "nothing"), torch.device("cpu"))
 
 
 def test_sample_starts_the_prompt_with_bos_and_checks_its_arguments(tmp_path, monkeypatch, capsys):

@@ -256,3 +256,49 @@ def test_final_evaluation_notes_are_returned_and_printed_only_with_progress(caps
         assert "copy k=8 skipped" in m["notes"] and "seq_len 32" in m["notes"]
         err = capsys.readouterr().err
         assert ("copy k=8 skipped" in err) == progress
+
+
+# ---------------------------------------------------------------------------
+# Inputs read only at the end of a run are checked before it starts
+
+
+def test_a_wrong_core_dir_fails_before_any_training_step(tmp_path, monkeypatch):
+    """The CORE bundle is read by the final ICL evaluation only: validate() and train() check it first."""
+    from lrt_model.evaluation.core import CORE_ENV
+
+    monkeypatch.delenv(CORE_ENV, raising=False)
+    bad = str(tmp_path / "no_such_bundle")
+    with pytest.raises(ConfigError) as e:
+        tiny(icl={"core_dir": bad}).validate()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"icl.core_dir={bad!r}: no such folder; point icl.core_dir"), msg
+
+    events = []
+    monkeypatch.setattr(train_module, "GPT", None)  # nothing may be built, let alone trained
+    with pytest.raises(ConfigError, match="no such folder"):
+        train(tiny(icl={"core_dir": bad}), callback=events.append)
+    assert events == []  # not even the evaluation before the first step
+    monkeypatch.undo()
+    monkeypatch.delenv(CORE_ENV, raising=False)
+
+    monkeypatch.setenv(CORE_ENV, bad)  # the variable the end of the run would read instead
+    with pytest.raises(ConfigError, match=rf"^\${CORE_ENV}='.*no_such_bundle' \(icl.core_dir unset\): no such folder"):
+        tiny(icl=None).validate()
+    tiny(icl={"evals": ["score"]}).validate()  # no CORE evaluation: nothing to read
+    monkeypatch.delenv(CORE_ENV)
+
+    broken = tmp_path / "broken"  # a bundle whose task has no data file
+    (broken / "eval_data").mkdir(parents=True)
+    (broken / "core.yaml").write_text("icl_tasks:\n- {label: t, dataset_uri: t.jsonl, icl_task_type: schema}\n")
+    (broken / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nt,50\n")
+    with pytest.raises(ConfigError, match="CORE task 't' has no data file .*t.jsonl; point icl.core_dir"):
+        tiny(icl={"core_dir": str(broken)}).validate()
+    (broken / "eval_data" / "t.jsonl").write_text("{}\n")
+    tiny(icl={"core_dir": str(broken)}).validate()
+
+
+def test_cli_wrong_core_dir_is_one_line_before_training(tmp_path):
+    r = _cli("--depth", "1", "--tokens", "100", "--core-dir", str(tmp_path / "nowhere"))
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(f"error: icl.core_dir={str(tmp_path / 'nowhere')!r}: no such folder")

@@ -19,11 +19,11 @@ Example:
 
 from .bpb import evaluate_bpb
 from .choice import Question, common_prefix, common_suffix, credit, mc_question, score_questions
-from .core import (CORE_ENV, NO_CORE_MESSAGE, CoreTask, centered_accuracy, core_question, evaluate_core,
-                   load_core_bundle, render_core, resolve_core_dir)
+from .core import (CORE_ENV, NO_CORE_MESSAGE, CoreTask, centered_accuracy, check_core_bundle, core_question,
+                   evaluate_core, load_core_bundle, render_core, resolve_core_dir)
 from .icl import evaluate_icl, run_icl
 from .score import default_windows, icl_score
-from .settings import DEFAULTS, EVALS, icl_config
+from .settings import DEFAULTS, EVALS, check_inputs, icl_config
 from .tasks import (GENERATORS, TASKS, Item, copy_items, encode_item, induction_items, recall_items,
                     task_items)
 from .views import (VIEWS, FullView, ModelStepper, SequentialView, Stepper, headline_view, main_view,
@@ -31,7 +31,8 @@ from .views import (VIEWS, FullView, ModelStepper, SequentialView, Stepper, head
 
 __all__ = [
     "CORE_ENV", "DEFAULTS", "EVALS", "GENERATORS", "NO_CORE_MESSAGE", "TASKS", "VIEWS", "CoreTask", "FullView",
-    "Item", "ModelStepper", "Question", "SequentialView", "Stepper", "centered_accuracy", "common_prefix",
+    "Item", "ModelStepper", "Question", "SequentialView", "Stepper", "centered_accuracy", "check_core_bundle",
+    "check_inputs", "common_prefix",
     "common_suffix", "copy_items", "core_question", "credit", "default_windows", "encode_item", "evaluate_bpb",
     "evaluate_core", "evaluate_icl", "headline_view", "icl_config", "icl_score", "induction_items",
     "load_core_bundle", "main_view", "mc_question", "model_views", "recall_items", "render_core",

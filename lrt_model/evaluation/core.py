@@ -11,6 +11,10 @@ Design choices:
   language_modeling needs every continuation token to be the strict argmax
   (`choice.py`). Too-long prompts are left-truncated to seq_len as nanochat
   does.
+- `check_core_bundle` runs every check of `load_core_bundle` except reading
+  the tasks' data, in milliseconds: the trainer (`TrainConfig.validate`,
+  `train`) and the sweep planner call it before any training, so a mistyped
+  bundle fails in one line up front instead of after the run.
 - Centred accuracy = (acc - 0.01 b) / (1 - 0.01 b) with b the task's
   `Random baseline` percentage; the CORE score is the mean centred accuracy
   over tasks.
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
+from ..config import ConfigError
 from .choice import Question, common_prefix, common_suffix, score_questions
 
 CORE_ENV = "LRT_CORE_DIR"
@@ -88,8 +93,9 @@ def _read_config(path: str) -> dict:
     return config
 
 
-def load_core_bundle(core_dir: str, max_per_task: int = -1) -> list:
-    """CoreTasks of a local bundle; errors say which file is missing or wrong."""
+def _bundle_index(core_dir: str) -> list[tuple[dict, str, float]]:
+    """(task entry, data file, random baseline) per task of a bundle: everything `load_core_bundle` checks
+    before it reads the tasks' data; errors say which file is missing or wrong."""
     names = [f for f in ("core.yaml", "core.json") if os.path.exists(os.path.join(core_dir, f))]
     if not names:
         raise FileNotFoundError(f"CORE bundle {core_dir!r} has neither core.yaml nor core.json")
@@ -101,7 +107,7 @@ def load_core_bundle(core_dir: str, max_per_task: int = -1) -> list:
     with open(meta, encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             baselines[row["Eval Task"]] = float(row["Random baseline"])
-    tasks = []
+    index = []
     for spec in config.get("icl_tasks") or []:
         label, kind = spec["label"], spec["icl_task_type"]
         if kind not in CORE_TASK_TYPES:
@@ -109,15 +115,48 @@ def load_core_bundle(core_dir: str, max_per_task: int = -1) -> list:
                              f"({', '.join(CORE_TASK_TYPES)})")
         if label not in baselines:
             raise ValueError(f"CORE task {label!r} has no row in eval_meta_data.csv")
-        with open(os.path.join(core_dir, "eval_data", spec["dataset_uri"]), encoding="utf-8") as f:
+        index.append((spec, os.path.join(core_dir, "eval_data", spec["dataset_uri"]), baselines[label]))
+    return index
+
+
+def check_core_bundle(core_dir: str | None, field: str = "icl.core_dir") -> None:
+    """Check the bundle that `core_dir` (else $LRT_CORE_DIR) names without reading the tasks' data:
+    its config and eval_meta_data.csv parse, every task is supported and has a baseline and a data file.
+    No bundle configured is fine (CORE is skipped with a note). Raises a one-line ConfigError naming
+    `field` (the setting's name where the caller reads it) and the fix."""
+    path = resolve_core_dir(core_dir)
+    if path is None:
+        return
+    where = f"{field}={core_dir!r}" if core_dir else f"${CORE_ENV}={os.environ.get(CORE_ENV)!r} ({field} unset)"
+    fix = (f"point {field} (or ${CORE_ENV}) at a local DCLM/nanochat eval bundle (a folder with core.yaml or "
+           "core.json, eval_meta_data.csv and eval_data/), or leave \"core\" out of the icl evals")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{where}: no such folder; {fix}")
+    try:
+        index = _bundle_index(path)
+    except KeyError as e:
+        raise ConfigError(f"{where}: a task in its core.yaml/core.json, or its eval_meta_data.csv, has no {e} "
+                          f"key; {fix}") from None
+    except (OSError, ValueError, TypeError, AttributeError, csv.Error) as e:
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}; {fix}") from None
+    for spec, data, _ in index:
+        if not os.path.isfile(data):
+            raise ConfigError(f"{where}: CORE task {spec['label']!r} has no data file {data}; {fix}")
+
+
+def load_core_bundle(core_dir: str, max_per_task: int = -1) -> list:
+    """CoreTasks of a local bundle; errors say which file is missing or wrong."""
+    tasks = []
+    for spec, path, baseline in _bundle_index(core_dir):
+        label, kind = spec["label"], spec["icl_task_type"]
+        with open(path, encoding="utf-8") as f:
             data = [json.loads(line) for line in f if line.strip()]
         random.Random(1337).shuffle(data)  # as nanochat: the files are often ordered
         if max_per_task > 0:
             data = data[:max_per_task]
         shots = spec.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) else shots
-        tasks.append(CoreTask(label, kind, int(shots), spec.get("continuation_delimiter", " "), data,
-                              baselines[label]))
+        tasks.append(CoreTask(label, kind, int(shots), spec.get("continuation_delimiter", " "), data, baseline))
     return tasks
 
 

@@ -5,11 +5,15 @@ Design choices:
   `eval: {icl: ...}` carry it; `icl_config` merges a partial dict over it and
   fails on the first wrong key or value, before any training starts.
   (`lrt_model.config.check_icl` checks each value's type and range first.)
+- `check_inputs` adds the files the evaluation reads at the end of a run
+  (the CORE bundle), so the trainer and the sweep planner check them before
+  training, not after it.
 """
 
 from __future__ import annotations
 
 from ..config import ConfigError
+from .core import check_core_bundle
 from .tasks import TASKS
 from .views import VIEWS
 
@@ -58,4 +62,14 @@ def icl_config(cfg: dict | None) -> dict:
         raise ConfigError("icl choices must be >= 2 and items >= 1")
     if out["cpu_threads"] is not None and out["cpu_threads"] < 1:
         raise ConfigError(f"icl cpu_threads={out['cpu_threads']} must be >= 1 (or None to keep torch's setting)")
+    return out
+
+
+def check_inputs(cfg: dict | None, field: str = "icl") -> dict:
+    """`icl_config(cfg)`, and every file the end-of-run evaluation will read exists and parses: the CORE
+    bundle when "core" is evaluated and one is configured (the `core_dir` setting, else $LRT_CORE_DIR).
+    `field`: where the settings sit, for the error (the trainer's `icl`, a spec's `eval.icl`)."""
+    out = icl_config(cfg)
+    if "core" in out["evals"]:
+        check_core_bundle(out["core_dir"], f"{field}.core_dir")
     return out
