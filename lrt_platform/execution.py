@@ -5,7 +5,7 @@ Design choices:
   (`lrt_model.train.train`), one checkpoint layout, one way of reporting:
   * workers_per_trial == 1 (fast path): train() runs inside the Tune trial
     process. A one-worker TorchTrainer costs ~25 s of actor start-up per trial
-    on 2 cores (FACTS.md) for nothing a single process needs.
+    on 2 cores (measured) for nothing a single process needs.
   * workers_per_trial > 1: the Tune function launches a Ray Train V2
     `TorchTrainer` (the documented V2 pattern); its workers call the same
     train(), which wraps the model in DDP under torch.distributed. Workers
@@ -32,6 +32,13 @@ Design choices:
   request that cannot fit (a worker larger than any node, a trial larger than
   the cluster, or max_concurrent_trials trials that do not fit together), so
   nothing can wait forever for resources on a 2-CPU machine.
+- Pools: a worker of a trial pinned to a pool (`resources.pool`, or an arm's
+  own `resources`) also asks for `pool-<pool>` and `accelerator_type:<type>`
+  (`planner.worker_request`), in Tune's request (fast path) or the
+  TorchTrainer's `resources_per_worker`. `check_resources` first refuses a
+  pool or type the cluster has no node of (`planner.check_pools`), then
+  fits each placement on the nodes that carry it. When arms run on
+  different pools, Tune asks per trial (`TrialResources`).
 - `progress.json` next to each checkpoint records each attempt (the step it
   resumed from, the first step it evaluated), cheap to read on s3 too.
 - Grid sweeps: `param_space={"trial_id": tune.grid_search(ids)}`, every
@@ -84,7 +91,9 @@ from ray.tune.search.optuna import OptunaSearch
 from lrt_model.train import Diverged
 
 from . import storage
-from .planner import Trial, _si, plan_search_trial, plan_tuning_trial
+from .planner import (Trial, alive_nodes, check_pools, eligible, placement, placements, plan_search_trial,
+                      plan_tuning_trial, worker_request)
+from .render import si
 from .spec import Spec, SpecError, default_point, tuning_default_point, when_holds
 
 DRIVER_CPU = 0.01  # the Tune function of a TorchTrainer trial only waits; Ray refuses 0
@@ -92,7 +101,7 @@ FAULT_ENV = "LRT_FAULT_INJECT"
 OPTUNA_NUMBER = "optuna_trial"  # the Optuna trial number, passed to search trials (0 = the enqueued defaults)
 TUNE_BASE = "tune_base"  # a tuning trial's template: its arm's grid trial id at the first seed
 # Ray Train V2 control-loop knobs: poll workers often and skip the preemption watcher, which cuts the
-# controller's idle waits on small runs (FACTS.md: 28.6 s -> 23.1 s per one-worker trial).
+# controller's idle waits on small runs (measured on 2 cores: 28.6 s -> 23.1 s per one-worker trial).
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
@@ -131,14 +140,11 @@ class SweepContext:
 # Resources
 
 
-def trial_request(spec: Spec) -> dict:
-    """What the Tune trial itself holds (the TorchTrainer path's workers hold their own)."""
-    r = spec.resources
-    if r.workers_per_trial == 1:
-        req = {"CPU": r.cpus_per_worker}
-        if r.gpus_per_worker:
-            req["GPU"] = r.gpus_per_worker
-        return req
+def trial_request(spec: Spec, where: tuple[str | None, str | None] | None = None) -> dict:
+    """What the Tune trial itself holds (the TorchTrainer path's workers hold their own); `where` is the
+    trial's (pool, accelerator_type), default the spec's own."""
+    if spec.resources.workers_per_trial == 1:
+        return worker_request(spec, *(where or placement(spec)))
     return {"CPU": DRIVER_CPU}
 
 
@@ -150,17 +156,47 @@ def trial_footprint(spec: Spec) -> tuple[float, float]:
 
 
 def check_resources(spec: Spec, total: dict, nodes: list[dict]) -> int:
-    """The number of trials to run at once; ResourceError if the request cannot fit the cluster."""
+    """The number of trials to run at once; PlanError for a pool or accelerator type no live node has,
+    ResourceError if a trial cannot fit the nodes it may run on. `nodes` is `ray.nodes()`, `total`
+    `ray.cluster_resources()` (used alone when `nodes` is empty)."""
+    nodes = [n for n in nodes if n.get("Alive", True)] or [{"Resources": total}]
+    check_pools(spec, nodes)
+    cpus, gpus = trial_footprint(spec)
+    eps = 1e-9
+    fits = 0
+    for pool, accelerator in placements(spec):
+        fits += _fits(spec, worker_request(spec, pool, accelerator), total, nodes)
+    # overlapping placements (a pool and the whole cluster, say) cannot hold more than the cluster does
+    fits = min(fits, math.floor(total.get("CPU", 0.0) / cpus + eps))
+    if gpus:
+        fits = min(fits, math.floor(total.get("GPU", 0.0) / gpus + eps))
+    r = spec.resources
+    if r.max_concurrent_trials is not None and r.max_concurrent_trials > fits:
+        have = f"the cluster has {total.get('CPU', 0.0):g} CPU, {total.get('GPU', 0.0):g} GPU" \
+            if list(placements(spec)) == [(None, None)] else f"only {fits} fit on the nodes of their pools"
+        raise ResourceError(
+            f"resources: max_concurrent_trials={r.max_concurrent_trials} needs {r.max_concurrent_trials} x "
+            f"({cpus:g} CPU, {gpus:g} GPU) but {have}; set it to {fits} or less (or leave it out)")
+    return r.max_concurrent_trials or max(1, fits)
+
+
+def _fits(spec: Spec, request: dict, total: dict, nodes: list[dict]) -> int:
+    """How many trials whose workers ask for `request` fit on the nodes that carry its custom resources
+    (the pool, the accelerator type); ResourceError when not even one does."""
     r = spec.resources
     eps = 1e-9
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)] or [total]
-    big_cpu = max(n.get("CPU", 0.0) for n in alive)
-    big_gpu = max(n.get("GPU", 0.0) for n in alive)
-    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    custom = [k for k in request if k not in ("CPU", "GPU")]
+    on = eligible(request, nodes) if custom else alive_nodes(nodes)
+    have = {k: sum(n.get(k, 0.0) for n in on) for k in request} if custom else dict(total)
+    big_cpu = max(n.get("CPU", 0.0) for n in on)
+    big_gpu = max(n.get("GPU", 0.0) for n in on)
+    have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    node, cluster = ("the largest node", "the cluster has") if not custom else \
+        (f"the largest node with {' and '.join(custom)}", f"the nodes with {' and '.join(custom)} have")
     worker = f"{r.cpus_per_worker:g} CPU" + (f" + {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else "")
     if r.cpus_per_worker > big_cpu + eps or r.gpus_per_worker > big_gpu + eps:
         raise ResourceError(
-            f"resources: one worker needs {worker} but the largest node has {big_cpu:g} CPU and {big_gpu:g} GPU; "
+            f"resources: one worker needs {worker} but {node} has {big_cpu:g} CPU and {big_gpu:g} GPU; "
             "lower resources.cpus_per_worker / gpus_per_worker or add larger nodes")
     cpus, gpus = trial_footprint(spec)
     what = f"{r.workers_per_trial} worker(s) x {worker}" + \
@@ -168,17 +204,33 @@ def check_resources(spec: Spec, total: dict, nodes: list[dict]) -> int:
     if cpus > have_cpu + eps or gpus > have_gpu + eps:
         hint = " (on a 2-CPU machine, e.g. cpus_per_worker: 0.99 for 2 workers)" if r.workers_per_trial > 1 else ""
         raise ResourceError(
-            f"resources: one trial needs {what} = {cpus:g} CPU, {gpus:g} GPU but the cluster has {have_cpu:g} CPU, "
+            f"resources: one trial needs {what} = {cpus:g} CPU, {gpus:g} GPU but {cluster} {have_cpu:g} CPU, "
             f"{have_gpu:g} GPU; lower workers_per_trial or the per-worker resources{hint}")
     fits = math.floor(have_cpu / cpus + eps)
     if gpus:
         fits = min(fits, math.floor(have_gpu / gpus + eps))
-    if r.max_concurrent_trials is not None and r.max_concurrent_trials > fits:
+    for k in custom:  # pool-<pool>: one unit per GPU on its nodes
+        fits = min(fits, math.floor(have[k] / (request[k] * r.workers_per_trial) + eps))
+    if fits < 1:
         raise ResourceError(
-            f"resources: max_concurrent_trials={r.max_concurrent_trials} needs {r.max_concurrent_trials} x "
-            f"({cpus:g} CPU, {gpus:g} GPU) but the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU; "
-            f"set it to {fits} or less (or leave it out)")
-    return r.max_concurrent_trials or max(1, fits)
+            f"resources: one trial needs {r.workers_per_trial} x {request[custom[0]]:g} {custom[0]} but {cluster} "
+            f"{have[custom[0]]:g}; lower workers_per_trial or add nodes to that pool")
+    return fits
+
+
+class TrialResources:
+    """Tune's resource request per trial, when arms run on different pools: a grid trial's by its id,
+    a tuning trial's by its template's, a search trial's by the searched arm. A class (not a closure)
+    so Tune can pickle it for --resume."""
+
+    def __init__(self, spec: Spec, trials: dict[str, dict]):
+        self.by_trial = {tid: trial_request(spec, (t.get("pool"), t.get("accelerator_type")))
+                         for tid, t in trials.items()}
+        self.search = trial_request(spec, placement(spec, spec.search_arm.name)) if spec.search is not None else None
+
+    def __call__(self, config: dict):
+        tid = config.get("trial_id") or config.get(TUNE_BASE)
+        return tune.PlacementGroupFactory([self.by_trial[tid] if tid is not None else self.search])
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +420,7 @@ def _run_train_workers(trial: Trial, ctx: SweepContext) -> None:
         os.environ.setdefault(k, v)
     r = ctx.spec.resources
     attempt = len((storage.read_json(_progress_path(ctx, trial.trial_id)) or {"attempts": []})["attempts"]) + 1
-    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+    per_worker = worker_request(ctx.spec, trial.pool, trial.accelerator_type)  # CPU, GPU, pool, accelerator
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"trial": trial.to_dict(), "ctx": ctx},
@@ -410,8 +462,11 @@ def worker_loop(config: dict) -> None:
 
 
 def trainable(ctx: SweepContext):
-    """trial_fn with its context bound (shipped once) and its resources declared."""
-    return tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_request(ctx.spec))
+    """trial_fn with its context bound (shipped once) and its resources declared: one request for every
+    trial, or one per trial (`TrialResources`) when arms run on different pools."""
+    where = list(placements(ctx.spec))
+    resources = trial_request(ctx.spec, where[0]) if len(where) == 1 else TrialResources(ctx.spec, ctx.trials)
+    return tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources)
 
 
 # ---------------------------------------------------------------------------
@@ -642,7 +697,7 @@ class ProgressLog(tune.Callback):
         bpb = f"val_bpb {result['val_bpb']:.4f}" if isinstance(result.get("val_bpb"), float) else "no eval"
         view = " (sequential)" if "val_bpb_sequential" in result else ""
         self._print(f"[sweep] eval    {result.get('lrt_trial_id', trial.trial_id)} ({result.get('arm')}, seed "
-                    f"{result.get('seed')}): step {step}/{total or '?'}, {_si(result.get('tokens', 0))} tokens, "
+                    f"{result.get('seed')}): step {step}/{total or '?'}, {si(result.get('tokens', 0))} tokens, "
                     f"{bpb}{view}, {_duration(elapsed)}{eta}")
         self._refresh(trials)
 

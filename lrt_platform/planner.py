@@ -29,6 +29,15 @@ Design choices:
   the grid's matching holds), the tuning seed, Optuna's optim values, no
   pair. `apply_tuning` gives a grid trial its arm's best values once tuning
   is done; ids, pairs and steps stay those of an untuned sweep.
+- Pools: a trial's `pool` and `accelerator_type` are its arm's own
+  (`arms[i].resources`) or the spec's (`resources`). A worker asks Ray for
+  `pool-<pool>` (one unit per GPU, 1 for a CPU worker) and
+  `accelerator_type:<type>` (0.001, as Ray's own requests); `check_pools`
+  refuses, before anything starts, a pool or type no node of the connected
+  cluster carries, and `spot_warnings` says when a spot pool (`*-spot`) runs
+  without `failure.checkpoint_every` (a preemption then loses up to an
+  evaluation interval). Dry runs show the pool column; they do not connect
+  to Ray, so they show no capacity.
 - Estimated wall time comes from a short measured probe: a few training steps
   and one evaluation of each distinct model config (shrunk when large) on this
   machine's CPU, scaled by FLOPs. A rough guide for CPU specs; GPU specs get
@@ -38,7 +47,8 @@ Example:
     >>> from lrt_platform.spec import load_spec
     >>> from lrt_platform.planner import plan, plan_summary
     >>> trials = plan(load_spec("sweep_specs/quickstart.yaml"))
-    >>> [(t.arm, t.steps, t.flops) for t in trials][:2]
+    >>> [(t.arm, t.steps, t.flops) for t in trials][:2]  # compute-matched: half the steps at ~2x per step
+    [('baseline', 333, 1005888208896), ('lrt_s2', 161, 1005074251776)]
     >>> plan_summary(trials)["max_pair_mismatch"] < 0.01
     True
 """
@@ -56,6 +66,7 @@ from functools import lru_cache
 import torch
 
 from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
+from lrt_model.evaluation import check_inputs as check_icl_inputs
 from lrt_model.flops import (baseline_flops_per_token, mean_flops_per_token, run_flops_per_token, training_flops,
                              training_flops_per_token)
 from lrt_model.model import GPT
@@ -64,7 +75,8 @@ from lrt_model.train import TrainConfig
 
 from . import storage
 from .compare import PAPER_TOKENS_PER_PARAM
-from .spec import FINAL_WEIGHT, ArmSpec, Spec, spec_hash
+from .render import aligned as _aligned, si as _si
+from .spec import ACCELERATOR_PREFIX, FINAL_WEIGHT, POOL_PREFIX, ArmSpec, Spec, spec_hash
 
 MAX_MISMATCH = 0.01  # compute-matched arms of a pair may differ by less than this fraction of FLOPs
 
@@ -98,6 +110,8 @@ class Trial:
     tuning_trial: bool = False  # a tuning trial (never paired: pair_id None)
     est_wall_s: float | None = None
     tokens_per_param: float | None = None  # the regime: the paper's claims hold at >= PAPER_TOKENS_PER_PARAM
+    pool: str | None = None  # the pool its workers run on (Ray resource pool-<pool>); None: any node
+    accelerator_type: str | None = None  # the accelerator type its workers ask Ray for; None: any
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,10 +224,13 @@ def train_config(spec: Spec, root: str, trial_id: str, model: ModelConfig, optim
     bt = batch_tokens(spec)
     eval_every = spec.eval.eval_every or max(1, math.ceil(steps / 8))
     corpus = spec.data.corpus if spec.data.corpus == "stdlib" else storage.absolute(spec.data.corpus)
+    icl = spec.eval.icl
+    if icl and icl.get("core_dir"):  # absolute, like the corpus: a trial does not run in the driver's directory
+        icl = {**icl, "core_dir": storage.absolute(icl["core_dir"])}
     cfg = TrainConfig(
         model=model, optim=optim, corpus=corpus, tokenizer=spec.data.tokenizer, batch_size=spec.backbone.batch_size,
         total_batch_tokens=bt, tokens=steps * bt, eval_every=eval_every, eval_tokens=spec.eval.eval_tokens,
-        icl=spec.eval.icl,
+        icl=icl,
         seed=seed, device="cuda" if spec.resources.gpus_per_worker > 0 else "cpu",
         checkpoint_dir=storage.checkpoint_dir(root, trial_id),
         checkpoint_every=spec.failure.checkpoint_every or eval_every, progress=False,
@@ -223,8 +240,10 @@ def train_config(spec: Spec, root: str, trial_id: str, model: ModelConfig, optim
 
 def _trial(spec: Spec, root: str, arm: str, model: ModelConfig, depth: int, value: float, seed: int, steps: int,
            optim: OptimConfig, trial_id: str | None = None, search: dict | None = None,
-           trial_number: int | None = None) -> Trial:
+           trial_number: int | None = None, spec_arm: str | None = None) -> Trial:
+    """`spec_arm`: the spec's arm the trial belongs to when `arm` is not its name (search trials)."""
     bid = budget_id(depth, spec.budgets.kind, value)
+    pool, accelerator = placement(spec, spec_arm or arm)
     pair = f"{bid}-s{seed}"
     trial_id = trial_id or f"{pair}-{arm}"
     bt = batch_tokens(spec)
@@ -235,12 +254,121 @@ def _trial(spec: Spec, root: str, arm: str, model: ModelConfig, depth: int, valu
         matching=spec.matching, params=count_params(model), tokens=steps * bt, steps=steps, batch_tokens=bt,
         flops=flops, flops_per_token=run_flops_per_token(model, steps),
         config=train_config(spec, root, trial_id, model, optim, seed, steps), search=search,
-        trial_number=trial_number, tokens_per_param=steps * bt / count_params(model),
+        trial_number=trial_number, tokens_per_param=steps * bt / count_params(model), pool=pool,
+        accelerator_type=accelerator,
     )
 
 
 def _root(spec: Spec, root: str | None) -> str:
     return root or storage.sweep_root(spec.storage, spec.experiment, spec_hash(spec))
+
+
+# ---------------------------------------------------------------------------
+# Pools: where trials run
+
+
+ACCELERATOR_UNITS = 0.001  # what one worker asks of accelerator_type:<type>, as Ray's own requests do
+
+
+def placement(spec: Spec, arm: str | None = None) -> tuple[str | None, str | None]:
+    """(pool, accelerator_type) of an arm's trials: the arm's own `resources`, else the spec's."""
+    own = next((a.resources for a in spec.arms if a.name == arm), None)
+    r = spec.resources
+    pool = own.pool if own is not None and own.pool is not None else r.pool
+    accelerator = own.accelerator_type if own is not None and own.accelerator_type is not None else r.accelerator_type
+    return pool, accelerator
+
+
+def worker_request(spec: Spec, pool: str | None = None, accelerator_type: str | None = None) -> dict:
+    """The Ray resources one worker of a trial on `pool` / `accelerator_type` asks for."""
+    r = spec.resources
+    req = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker:
+        req["GPU"] = r.gpus_per_worker
+    if pool is not None:  # one unit per GPU (the nodes carry one per GPU), 1 for a CPU worker
+        req[POOL_PREFIX + pool] = r.gpus_per_worker or 1.0
+    if accelerator_type is not None:
+        req[ACCELERATOR_PREFIX + accelerator_type] = ACCELERATOR_UNITS
+    return req
+
+
+def placements(spec: Spec) -> dict[tuple[str | None, str | None], tuple[str, str]]:
+    """Every distinct (pool, accelerator_type) the spec's arms run on -> the spec fields that set them."""
+    out = {}
+    for i, arm in enumerate(spec.arms):
+        key = placement(spec, arm.name)
+        own = arm.resources
+        pool_at = f"arms[{i}].resources.pool" if own is not None and own.pool is not None else "resources.pool"
+        acc_at = f"arms[{i}].resources.accelerator_type" \
+            if own is not None and own.accelerator_type is not None else "resources.accelerator_type"
+        out.setdefault(key, (pool_at, acc_at))
+    return out
+
+
+def alive_nodes(nodes: list[dict]) -> list[dict]:
+    """The resources of each live node of a `ray.nodes()`-style list."""
+    return [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+
+
+def pools_of(nodes: list[dict]) -> dict[str, float]:
+    """Pool name -> its units (GPUs) over the live nodes of a `ray.nodes()`-style list."""
+    out: dict[str, float] = {}
+    for res in alive_nodes(nodes):
+        for k, v in res.items():
+            if k.startswith(POOL_PREFIX) and v > 0:
+                out[k[len(POOL_PREFIX):]] = out.get(k[len(POOL_PREFIX):], 0.0) + v
+    return dict(sorted(out.items()))
+
+
+def eligible(request: dict, nodes: list[dict]) -> list[dict]:
+    """The live nodes (their resources) that carry every custom resource of a worker request."""
+    custom = [k for k in request if k not in ("CPU", "GPU")]
+    return [res for res in alive_nodes(nodes) if all(res.get(k, 0) > 0 for k in custom)]
+
+
+def check_pools(spec: Spec, nodes: list[dict]) -> None:
+    """Refuse, before anything starts, a pool or accelerator type that no live node of the cluster
+    (`ray.nodes()`) carries. A cluster scaled to zero has no such node either: bring the pool up first."""
+    for (pool, accelerator), (pool_at, acc_at) in placements(spec).items():
+        req = worker_request(spec, pool, accelerator)
+        if not (pool or accelerator) or eligible(req, nodes):
+            continue
+        bundle = ", ".join(f"{k!r}: {v:g}" for k, v in req.items())
+        up = (f"an autoscaling cluster scaled to zero: bring it up first with ray.autoscaler.sdk.request_resources("
+              f"bundles=[{{{bundle}}}] * {spec.resources.workers_per_trial})")
+        have = ", ".join(pools_of(nodes)) or "none"
+        if pool and not eligible({POOL_PREFIX + pool: 1}, nodes):
+            raise PlanError(f"{pool_at}={pool}: the connected Ray cluster has no node with resource "
+                            f"{POOL_PREFIX}{pool} (pools it has: {have}); fix the name or start that pool ({up})")
+        types = sorted({k[len(ACCELERATOR_PREFIX):] for res in alive_nodes(nodes) for k in res
+                        if k.startswith(ACCELERATOR_PREFIX)})
+        if not pool:
+            raise PlanError(f"{acc_at}={accelerator}: the connected Ray cluster has no node with resource "
+                            f"{ACCELERATOR_PREFIX}{accelerator} (accelerator types it has: "
+                            f"{', '.join(types) or 'none'}); fix the type or start nodes that have it ({up})")
+        in_pool = sorted({k[len(ACCELERATOR_PREFIX):] for res in eligible({POOL_PREFIX + pool: 1}, nodes) for k in res
+                          if k.startswith(ACCELERATOR_PREFIX)})
+        raise PlanError(f"{acc_at}={accelerator}: no node of pool {pool} has resource "
+                        f"{ACCELERATOR_PREFIX}{accelerator} (its nodes have: {', '.join(in_pool) or 'no accelerator type'}); "
+                        "fix the type or the pool")
+
+
+def spot_warnings(spec: Spec, trials: list[Trial]) -> list[str]:
+    """One line when trials run on a spot pool (`*-spot`) without `failure.checkpoint_every`: they then
+    checkpoint only at each evaluation, and a preemption loses up to an evaluation interval of training."""
+    spot = {pool: at for (pool, _), (at, _) in placements(spec).items() if pool and pool.endswith("-spot")}
+    if not spot or spec.failure.checkpoint_every:
+        return []
+    on_spot = [t for t in trials if t.pool in spot] or trials
+    every = max((t.config["checkpoint_every"] for t in on_spot), default=0)
+    where = ", ".join(f"{at}={pool}" for pool, at in spot.items())
+    return [f"warning: {where}: a spot pool, and failure.checkpoint_every is unset, so its trials checkpoint only "
+            f"at each evaluation (every {every} steps here) and a preemption loses up to that much training; set "
+            "failure.checkpoint_every to the steps you can afford to lose"]
+
+
+def _pool_cell(t: Trial) -> str:
+    return (t.pool or "any") + (f" ({t.accelerator_type})" if t.accelerator_type else "")
 
 
 # ---------------------------------------------------------------------------
@@ -250,6 +378,9 @@ def _root(spec: Spec, root: str | None) -> str:
 def plan(spec: Spec, root: str | None = None) -> list[Trial]:
     """The fixed trials of a spec: every arm x depth x budget x seed (for a search spec: the baseline only;
     its searched arm is planned per Optuna trial by `plan_search_trial`)."""
+    # what a trial reads only at its end (the CORE bundle) is checked now: a wrong eval.icl.core_dir is one
+    # ConfigError naming it, not a failure after every trial's training and every retry's
+    check_icl_inputs(spec.eval.icl, "eval.icl")
     root = _root(spec, root)
     arms = [spec.baseline_arm] + ([a for a in spec.lrt_arms] if spec.search is None else [])
     optim = OptimConfig(**spec.optim.overrides())
@@ -296,7 +427,8 @@ def plan_search_trial(spec: Spec, params: dict, index: int, root: str | None = N
     base_steps = match_steps(spec, depth, value, _arm_configs(spec, depth))[base]
     steps = match_steps(spec, depth, value, {base: spec.model_config_for(depth, None), arm: model}, base_steps)
     trial_id = f"{budget_id(depth, spec.budgets.kind, value)}-s{seed}-{arm}"
-    return _trial(spec, root, arm, model, depth, value, seed, steps[arm], optim, trial_id, dict(params), index)
+    return _trial(spec, root, arm, model, depth, value, seed, steps[arm], optim, trial_id, dict(params), index,
+                  spec_arm=spec.search_arm.name)
 
 
 def tuning_templates(spec: Spec, trials: list[Trial]) -> list[tuple[str, Trial]]:
@@ -468,20 +600,6 @@ def estimate_wall(trials: list[Trial], spec: Spec) -> None:
 # Dry-run output
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _aligned(cols: list[str], rows: list[list[str]]):
-    """(line renderer, rule line) for a text table whose columns are as wide as their widest cell."""
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    return (lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()), \
-        "  ".join("-" * w for w in widths)
-
-
 def regime_warnings(trials: list[Trial]) -> list[str]:
     """One line per budget whose baseline trains below the paper's tokens-per-parameter regime."""
     below = {}
@@ -503,6 +621,10 @@ def format_plan(trials: list[Trial], spec: Spec, search_note: str | None = None)
     wall = f"{s['est_wall_s']:.0f}s" if s["est_wall_s"] is not None else "-"
     rows.append(["total", "", "", "", "", "", "", _si(s["tokens"]), "", str(sum(t.steps for t in trials)),
                  _si(s["flops"]), wall])
+    if any(t.pool or t.accelerator_type for t in trials):  # where each trial runs, when the spec pins some
+        cols.insert(6, "pool")
+        for row, cell in zip(rows, [_pool_cell(t) for t in trials] + [""]):
+            row.insert(6, cell)
     line, rule = _aligned(cols, rows)
     out = [f"plan for {spec.experiment} ({spec_hash(spec)}): {len(trials)} trials, {spec.matching}-matched",
            line(cols), rule, *map(line, rows[:-1]), rule, line(rows[-1])]
@@ -510,7 +632,7 @@ def format_plan(trials: list[Trial], spec: Spec, search_note: str | None = None)
                + (" (tokens-matched: FLOPs differ by design)" if spec.matching == "tokens" else ""))
     if search_note:
         out.append(search_note)
-    out += s["regime_warnings"]
+    out += s["regime_warnings"] + spot_warnings(spec, trials)
     if spec.resources.gpus_per_worker > 0:
         out.append("note: no wall-time estimate for GPU trials (the throughput probe runs on this machine's CPU)")
     return "\n".join(out)
@@ -565,6 +687,7 @@ def dry_run(spec: Spec, probe: bool = True, root: str | None = None) -> dict:
     if probe:
         estimate_wall(trials, spec)
     summary = plan_summary(trials)
+    summary["spot_warnings"] = spot_warnings(spec, trials)
     if search is not None and summary["est_wall_s"] is not None:
         summary["est_wall_s"] += (spec.search.num_trials - 1) * trials[-1].est_wall_s
     tuning = tuning_plan(spec, trials, root)

@@ -21,9 +21,18 @@ Design choices:
   (lrt_model.config's `MAX_*`, `MAX_TRIALS`, `MAX_NODES`) so a typo cannot
   make planning build a billion-layer model or a trillion-value range.
 - `spec_hash()` is sha256 of the canonical JSON of the normalised spec, first
-  12 hex characters. Where results are stored (storage, tracking) and how
-  they are executed (max_concurrent_trials, max_failures) are left out of the
-  hash: changing them must not turn a resumable sweep into a new one.
+  12 hex characters. Where results are stored (storage, tracking), where
+  trials run (resources.pool, resources.accelerator_type, an arm's
+  `resources`) and how they are executed (max_concurrent_trials,
+  max_failures) are left out of the hash: changing them must not turn a
+  resumable sweep into a new one.
+- Pools: `resources: {pool: P, accelerator_type: A}` pins every trial (and an
+  arm's own `resources: {pool: ..., accelerator_type: ...}` that arm's) to the
+  Ray nodes carrying the custom resource `pool-P` and Ray's
+  `accelerator_type:A` (infra/README.md). Only names are checked here; the
+  planner checks them against the connected cluster.
+- `storage` left out of the spec: `$LRT_STORAGE` when set (the way tracking
+  falls back to `$MLFLOW_TRACKING_URI`), else `./runs`.
 - `tuning:` gives every arm (baseline included) the same Optuna search at
   every budget, over `optim.*` fields only: they apply to every arm alike
   and leave FLOPs per token unchanged, so the planner's step matching holds
@@ -33,7 +42,8 @@ Design choices:
 Example:
     >>> from lrt_platform.spec import load_spec, spec_hash
     >>> spec = load_spec("sweep_specs/quickstart.yaml")
-    >>> spec.experiment, spec.depths, spec_hash(spec)   # ('quickstart', [2], '3f1c...')
+    >>> spec.experiment, spec.depths, spec_hash(spec)
+    ('quickstart', [2], 'c5495d8dca5e')
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import typing
 from typing import Any, Literal
@@ -66,8 +77,12 @@ RECURRENCE_FIELDS = tuple(RecurrenceConfig.__dataclass_fields__)
 FINAL_WEIGHT = "recurrence.final_weight"
 MODEL_SEARCH_FIELDS = ("width", "head_dim", "n_kv_head", "value_embeds", "softcap", "rope_base")
 # fields that say where or how a sweep runs, not what it computes: not part of the hash
-UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_trials"}, "failure": {"max_failures"},
-            "optim": {"muon"}}
+UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_trials", "pool", "accelerator_type"},
+            "failure": {"max_failures"}, "optim": {"muon"}, "arms": {"__all__": {"resources"}}}
+STORAGE_ENV = "LRT_STORAGE"  # the sweep storage of a spec that names none (a cluster's nodes set it)
+DEFAULT_STORAGE = "./runs"
+POOL_PREFIX = "pool-"  # pool P = the Ray custom resource pool-P on its nodes (infra/aws/cluster.yaml)
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's own per-node resource, e.g. accelerator_type:H100
 # fields added after sweeps were already running: left out of the hash while unset (None), so a running
 # sweep keeps its hash (and its storage) and only a spec that sets them gets a new one; "*" = every list item
 # Bump when a trainer default or rule changes what an unchanged spec computes, so a sweep started under the
@@ -148,6 +163,48 @@ class BackboneSpec(_Strict):
         return v
 
 
+def check_pool(v: str) -> str:
+    """A pool's name, as its nodes' Ray resource `pool-<name>` spells it."""
+    if v.startswith(POOL_PREFIX):
+        raise ValueError(f"{short_repr(v)} is the pool's Ray resource; give the pool's name without "
+                         f"'{POOL_PREFIX}' (pool: {_bare(v[len(POOL_PREFIX):])})")
+    if not NAME_RE.fullmatch(v):
+        raise ValueError(f"{short_repr(v)} is not a pool name; use 1 to 64 letters, digits, '_', '-', '.' (the nodes' "
+                         f"Ray resource is {POOL_PREFIX}<name>, e.g. pool: h100-spot)")
+    return v
+
+
+def check_accelerator(v: str) -> str:
+    """An accelerator type as Ray names it (its resource `accelerator_type:<type>`)."""
+    if v.startswith(ACCELERATOR_PREFIX):
+        raise ValueError(f"{short_repr(v)} is Ray's resource name; give the type alone "
+                         f"(accelerator_type: {_bare(v[len(ACCELERATOR_PREFIX):])})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", v):
+        raise ValueError(f"{short_repr(v)} is not an accelerator type; use Ray's name for it, e.g. H100, A100, L4")
+    return v
+
+
+def default_storage() -> str:
+    """A spec's storage when it names none: $LRT_STORAGE, else ./runs."""
+    return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def _bare(v: str) -> str:
+    """A name as YAML would take it unquoted, when it is a plain one."""
+    return v if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", v) else short_repr(v)
+
+
+PoolName = typing.Annotated[str, AfterValidator(check_pool)]
+AcceleratorType = typing.Annotated[str, AfterValidator(check_accelerator)]
+
+
+class PlacementSpec(_Strict):
+    """An arm's own pool and accelerator type; unset fields keep the spec's `resources` values."""
+
+    pool: PoolName | None = None
+    accelerator_type: AcceleratorType | None = None
+
+
 class ArmSpec(_Strict):
     name: str
     baseline: bool = False
@@ -165,6 +222,7 @@ class ArmSpec(_Strict):
     passes_schedule: list[tuple[float, typing.Annotated[int, Field(gt=0, le=MAX_PASSES)]]] | None = \
         Field(None, max_length=MAX_PASSES)
     recompute_mlp: bool | None = None
+    resources: PlacementSpec | None = None  # where this arm's trials run: {pool: ..., accelerator_type: ...}
 
     @field_validator("name")
     @classmethod
@@ -435,6 +493,8 @@ class ResourcesSpec(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, le=4096)
     gpus_per_worker: float = Field(0.0, ge=0, le=64)
     max_concurrent_trials: typing.Annotated[int, Field(gt=0, le=MAX_TRIALS)] | None = None  # default: as many as fit
+    pool: PoolName | None = None  # run every trial on the nodes with Ray resource pool-<pool>; default any node
+    accelerator_type: AcceleratorType | None = None  # ... with Ray's accelerator_type:<type> (e.g. H100)
 
 
 class FailureSpec(_Strict):
@@ -463,7 +523,7 @@ class Spec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     failure: FailureSpec = FailureSpec()
     tracking: TrackingSpec = TrackingSpec()
-    storage: str = "./runs"  # local path or s3:// URI
+    storage: str = Field(default_factory=default_storage)  # local path or s3:// URI
 
     @field_validator("experiment")
     @classmethod

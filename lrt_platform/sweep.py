@@ -3,8 +3,10 @@
 Design choices:
 - The flow is the architecture's: spec -> plan -> search -> train -> track ->
   compare. Everything that can be wrong with a spec (unknown keys, bad values,
-  budgets too small to match, resources the cluster cannot give) fails before
-  any trial starts, as ONE line on stderr and exit code 2, no traceback.
+  budgets too small to match, resources the cluster cannot give, a pool or
+  accelerator type it has no node of) fails before any trial starts (and
+  before --overwrite deletes anything), as ONE line on stderr and exit code 2,
+  no traceback.
 - Where it runs: no --address and no RAY_ADDRESS -> a fresh local Ray (no
   dashboard: seconds faster to start; listening on 127.0.0.1 only); RAY_ADDRESS set (inside `ray job
   submit`) or --address auto|ray://... -> that cluster. A Ray already
@@ -55,7 +57,7 @@ from lrt_model.data import DataError
 
 from . import storage
 from .planner import (PlanError, Trial, apply_tuning, check_search_budget, dry_run, format_plan, format_tuning, plan,
-                      regime_warnings, tuning_templates)
+                      regime_warnings, spot_warnings, tuning_templates)
 from .spec import Spec, SpecError, load_spec, spec_hash
 from .tracking import Tracker, TrackingError
 
@@ -126,13 +128,15 @@ def run(args) -> int:
     from .execution import safe  # Ray is imported only once a sweep really runs: dry runs and errors stay fast
 
     clock = {"start": t_start}
-    slots = _start_cluster(spec, args.address, clock)
+    slots = _start_cluster(spec, args.address, clock)  # a pool or resources the cluster lacks: refused here
+    if args.overwrite:
+        _remove_sweep(spec, root)
     ctx, tracker = _start_tracking(spec, args.spec, text, h, root, trials, clock, resume=not args.overwrite)
     n_planned = len(trials) + (spec.search.num_trials if spec.search else 0) + \
         (len(tuning) * spec.tuning.trials if spec.tuning else 0)
     print(f"[sweep] {spec.experiment} ({h}): {n_planned} trials, {min(slots, n_planned)} at a time, "
           f"{'resuming, ' if args.resume else ''}storage {root}", flush=True)
-    for line in regime_warnings(trials):
+    for line in regime_warnings(trials) + spot_warnings(spec, trials):
         print(f"[sweep] {line}", flush=True)
     results, unfinished = _run_phases(ctx, trials, phases, slots, args.resume, args.quiet)
     clock["tune"] = time.time()
@@ -247,13 +251,16 @@ def _check_existing(spec: Spec, root: str, phases: list[str], args) -> None:
     from . import execution
 
     there = [p for p in phases if execution.tune.Tuner.can_restore(storage.join(root, p))]
-    if args.overwrite:
-        storage.remove_tree(root)
-        if storage.is_uri(root):  # an s3 sweep keeps its Optuna sqlite file locally
-            storage.remove_tree(storage.sweep_root("./runs", spec.experiment, spec_hash(spec)))
-    elif there and not args.resume:
+    if there and not args.resume and not args.overwrite:
         raise SpecError(f"a sweep for this spec already exists at {root}; pass --resume to continue it "
                         "or --overwrite to start over")
+
+
+def _remove_sweep(spec: Spec, root: str) -> None:
+    """--overwrite: delete the stored sweep, once the cluster has been checked (a refusal deletes nothing)."""
+    storage.remove_tree(root)
+    if storage.is_uri(root):  # an s3 sweep keeps its Optuna sqlite file locally
+        storage.remove_tree(storage.sweep_root("./runs", spec.experiment, spec_hash(spec)))
 
 
 def local_ray_on_loopback(address: str | None) -> None:

@@ -326,3 +326,183 @@ def test_fuzzed_dry_runs_fail_in_one_line(tmp_path, capsys):
         assert sweep.main([str(path), "--dry-run", "--no-probe"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {path}: ") and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------------
+# GPU pools: a spec pins the sweep (or one arm) to a pool; Ray custom resources pool-<P> / accelerator_type:<A>
+
+GPU = ("resources: {workers_per_trial: 8, cpus_per_worker: 8, gpus_per_worker: 1, pool: h100-spot, "
+       "accelerator_type: H100}\n")
+H100 = {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H100": 1.0, "pool-h100": 8.0}
+SPOT = {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H100": 1.0, "pool-h100-spot": 8.0}
+HEAD = {"CPU": 0.0}
+BIG = BASE.replace("[2.0e+11]", "[2.0e+12]")  # 8 workers per trial: a larger batch
+
+
+def _cluster(*nodes):
+    """(ray.cluster_resources(), ray.nodes()) of a fake cluster, as check_resources takes them."""
+    total = {}
+    for n in nodes:
+        for k, v in n.items():
+            total[k] = total.get(k, 0.0) + v
+    return total, [{"Alive": True, "Resources": dict(n)} for n in nodes] + [{"Alive": False, "Resources": dict(SPOT)}]
+
+
+def test_pool_maps_to_its_ray_resources():
+    spec = _spec(BIG + GPU)
+    assert planner.placement(spec, "s2") == ("h100-spot", "H100")
+    # one pool unit per GPU, Ray's own 0.001 of accelerator_type:<type>
+    assert planner.worker_request(spec, "h100-spot", "H100") == \
+        {"CPU": 8.0, "GPU": 1.0, "pool-h100-spot": 1.0, "accelerator_type:H100": 0.001}
+    cpu = _spec(BASE + "resources: {cpus_per_worker: 2, pool: cpu}\n")
+    assert planner.worker_request(cpu, *planner.placement(cpu)) == {"CPU": 2.0, "pool-cpu": 1.0}  # 1 per CPU worker
+    assert planner.worker_request(_spec(), *planner.placement(_spec())) == {"CPU": 1.0}  # unpinned: as before
+    from lrt_platform import execution
+
+    assert execution.trial_request(cpu) == {"CPU": 2.0, "pool-cpu": 1.0}  # the fast path's Tune request
+    assert execution.trial_request(spec) == {"CPU": execution.DRIVER_CPU}  # a TorchTrainer's workers hold their own
+
+
+def test_an_arm_overrides_the_sweeps_pool_and_trials_carry_it():
+    spec = _spec(BIG.replace("passes: 3}", "passes: 3, resources: {pool: h100}}") + GPU)
+    trials = plan(spec, root="/tmp/x")
+    where = {t.arm: (t.pool, t.accelerator_type) for t in trials}
+    assert where == {"baseline": ("h100-spot", "H100"), "s2": ("h100-spot", "H100"), "k3": ("h100", "H100")}
+    assert planner.placements(spec) == {("h100-spot", "H100"): ("resources.pool", "resources.accelerator_type"),
+                                        ("h100", "H100"): ("arms[2].resources.pool", "resources.accelerator_type")}
+    from lrt_platform import execution
+
+    ctx = execution.SweepContext(spec, "h", "/tmp/x", {t.trial_id: t.to_dict() for t in trials})
+    per_trial = execution.TrialResources(spec, ctx.trials)  # Tune asks per trial when arms differ
+    k3 = next(t for t in trials if t.arm == "k3")
+    assert per_trial({"trial_id": k3.trial_id}).required_resources == {"CPU": execution.DRIVER_CPU}
+    one = _spec(BASE.replace("passes: 3}", "passes: 3, resources: {pool: h100}}")
+                + "resources: {cpus_per_worker: 1, pool: h100-spot}\n")
+    one_trials = {t.trial_id: t.to_dict() for t in plan(one, root="/tmp/x")}
+    k3 = next(t for t in one_trials.values() if t["arm"] == "k3")
+    assert execution.TrialResources(one, one_trials)({"trial_id": k3["trial_id"]}).required_resources == \
+        {"CPU": 1.0, "pool-h100": 1.0}
+    assert execution.TrialResources(one, one_trials)({execution.TUNE_BASE: k3["trial_id"]}).required_resources == \
+        {"CPU": 1.0, "pool-h100": 1.0}  # a tuning trial runs where its template does
+
+
+def test_search_trials_run_where_the_searched_arm_does():
+    spec = _spec(BASE.replace("passes: 2}", "passes: 2, resources: {pool: h100-spot}}")
+                 .replace("seeds: [0, 1]", "seeds: [0]")
+                 + "search:\n  arm: s2\n  space:\n    optim.lr_scale: {type: loguniform, low: 0.5, high: 2}\n")
+    t = plan_search_trial(spec, {"optim.lr_scale": 1.0}, 3, root="/tmp/x")
+    assert (t.arm, t.pool) == ("s2-t003", "h100-spot")
+    assert plan(spec, root="/tmp/x")[0].pool is None  # the baseline: any node
+
+
+def test_a_pool_the_cluster_lacks_is_refused_at_plan_time():
+    spec = _spec(BIG + GPU)
+    planner.check_pools(spec, _cluster(HEAD, H100, SPOT)[1])  # there: no error
+    with pytest.raises(PlanError) as e:
+        planner.check_pools(spec, _cluster(HEAD, H100)[1])  # the spot node is dead, the pool is not there
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("resources.pool=h100-spot: the connected Ray cluster has no node with "
+                                              "resource pool-h100-spot (pools it has: h100); fix the name or start "
+                                              "that pool")
+    assert "ray.autoscaler.sdk.request_resources(bundles=[{'CPU': 8, 'GPU': 1, 'pool-h100-spot': 1, " in msg
+    with pytest.raises(PlanError, match=r"pools it has: none\).*scaled to zero"):
+        planner.check_pools(spec, _cluster(HEAD)[1])  # an autoscaling cluster scaled to zero
+    with pytest.raises(PlanError, match=r"^arms\[1\].resources.pool=h10: .*pools it has: h100, h100-spot"):
+        planner.check_pools(_spec(BASE.replace("passes: 2}", "passes: 2, resources: {pool: h10}}")),
+                            _cluster(HEAD, H100, SPOT)[1])
+    a100 = _spec(BIG + GPU.replace("H100}", "A100}"))
+    with pytest.raises(PlanError, match="^resources.accelerator_type=A100: no node of pool h100-spot has resource "
+                                        r"accelerator_type:A100 \(its nodes have: H100\)"):
+        planner.check_pools(a100, _cluster(HEAD, H100, SPOT)[1])
+    with pytest.raises(PlanError, match=r"^resources.accelerator_type=L4: .*accelerator types it has: H100\)"):
+        planner.check_pools(_spec(BASE + "resources: {accelerator_type: L4}\n"), _cluster(HEAD, H100)[1])
+    planner.check_pools(_spec(), _cluster(HEAD)[1])  # an unpinned spec asks for no pool
+
+
+def test_capacity_counts_only_the_pools_nodes():
+    from lrt_platform import execution
+
+    spec = _spec(BIG + GPU)  # one trial = one 8-GPU node
+    assert execution.check_resources(spec, *_cluster(HEAD, H100, H100, H100, SPOT)) == 1  # one spot node
+    assert execution.check_resources(spec, *_cluster(HEAD, H100, SPOT, SPOT)) == 2
+    with pytest.raises(execution.ResourceError,
+                       match="max_concurrent_trials=2 .* only 1 fit on the nodes of their pools"):
+        execution.check_resources(_spec(BIG + GPU.replace("pool:", "max_concurrent_trials: 2, pool:")),
+                                  *_cluster(HEAD, H100, H100, SPOT))
+    with pytest.raises(PlanError, match="pool-h100-spot"):  # through the sweep's own check, before anything starts
+        execution.check_resources(spec, *_cluster(HEAD, H100))
+    big = _spec(BIG + GPU.replace("workers_per_trial: 8", "workers_per_trial: 16"))
+    with pytest.raises(execution.ResourceError, match="the nodes with pool-h100-spot and accelerator_type:H100 have "
+                                                      "192 CPU, 8 GPU"):
+        execution.check_resources(big, *_cluster(HEAD, H100, H100, SPOT))
+    # arms on two pools: their trials run side by side
+    two = _spec(BIG.replace("passes: 3}", "passes: 3, resources: {pool: h100}}") + GPU)
+    assert execution.check_resources(two, *_cluster(HEAD, H100, SPOT)) == 2
+    assert execution.check_resources(_spec(), {"CPU": 2.0}, [{"Resources": {"CPU": 2.0}}]) == 2  # unpinned: as before
+
+
+def test_dry_run_shows_the_pool_column_only_when_pinned(tmp_path, capsys):
+    path = tmp_path / "pinned.yaml"
+    path.write_text(BIG.replace("passes: 3}", "passes: 3, resources: {pool: h100}}")
+                    + GPU.replace(", accelerator_type: H100", ""))
+    assert sweep.main([str(path), "--dry-run", "--no-probe", "--storage", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("trial "))
+    assert header.split()[:7] == ["trial", "arm", "depth", "budget", "seed", "pair", "pool"]
+    rows = {line.split()[0]: line.split()[6] for line in out.splitlines() if line.startswith("d2-")}
+    assert rows == {"d2-flops2e12-s0-baseline": "h100-spot", "d2-flops2e12-s0-s2": "h100-spot",
+                    "d2-flops2e12-s0-k3": "h100", "d2-flops2e12-s1-baseline": "h100-spot",
+                    "d2-flops2e12-s1-s2": "h100-spot", "d2-flops2e12-s1-k3": "h100"}
+    assert sweep.main([str(path), "--dry-run", "--no-probe", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {t["arm"]: t["pool"] for t in data["trials"]} == {"baseline": "h100-spot", "s2": "h100-spot", "k3": "h100"}
+    unpinned = tmp_path / "unpinned.yaml"
+    unpinned.write_text(BASE)
+    assert sweep.main([str(unpinned), "--dry-run", "--no-probe"]) == 0
+    assert " pool " not in capsys.readouterr().out
+    accel = tmp_path / "accel.yaml"
+    accel.write_text(BASE + "resources: {accelerator_type: H100}\n")
+    assert sweep.main([str(accel), "--dry-run", "--no-probe"]) == 0
+    assert "any (H100)" in capsys.readouterr().out
+
+
+def test_spot_pools_warn_without_checkpoint_every(tmp_path, capsys):
+    spec = _spec(BIG + GPU)
+    trials = plan(spec, root="/tmp/x")
+    (line,) = planner.spot_warnings(spec, trials)
+    every = max(t.config["checkpoint_every"] for t in trials)
+    assert line.startswith("warning: resources.pool=h100-spot: a spot pool, and failure.checkpoint_every is unset")
+    assert f"every {every} steps here" in line and "\n" not in line
+    path = tmp_path / "spot.yaml"
+    path.write_text(BIG + GPU)
+    assert sweep.main([str(path), "--dry-run", "--no-probe"]) == 0
+    assert line in capsys.readouterr().out
+    # checkpoint_every set: honoured by every trial whatever its pool, and no warning
+    mixed = _spec(BIG.replace("passes: 3}", "passes: 3, resources: {pool: h100}}") + GPU
+                  + "failure: {checkpoint_every: 5}\n")
+    trials = plan(mixed, root="/tmp/x")
+    assert {t.pool for t in trials} == {"h100", "h100-spot"}
+    assert all(t.config["checkpoint_every"] == 5 for t in trials)
+    assert planner.spot_warnings(mixed, trials) == []
+    on_demand = _spec(BIG + GPU.replace("h100-spot", "h100"))
+    assert planner.spot_warnings(on_demand, plan(on_demand, root="/tmp/x")) == []
+
+
+def test_a_wrong_core_dir_fails_at_plan_time_in_one_line(tmp_path, capsys, monkeypatch):
+    """A trial reads the CORE bundle only when it ends: the planner checks it before anything runs."""
+    from lrt_model.config import ConfigError
+
+    monkeypatch.delenv("LRT_CORE_DIR", raising=False)
+    bad = str(tmp_path / "no_such_bundle")
+    text = BASE + f"eval: {{icl: {{core_dir: '{bad}'}}}}\n"
+    with pytest.raises(ConfigError, match=r"^eval\.icl\.core_dir=.*: no such folder; point eval\.icl\.core_dir"):
+        plan(_spec(text), root="/tmp/x")
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    assert sweep.main([str(path), "--dry-run", "--no-probe", "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.icl.core_dir=" in err[0] and "no such folder" in err[0], err
+    # a good bundle, given relative to the driver's directory, reaches the trials as an absolute path
+    monkeypatch.chdir(ROOT)
+    t = plan(_spec(BASE + "eval: {icl: {core_dir: tests/data/core_tiny}}\n"), root="/tmp/x")[0]
+    assert t.config["icl"]["core_dir"] == os.path.join(ROOT, "tests", "data", "core_tiny")

@@ -169,6 +169,48 @@ def test_existing_sweeps_keep_their_hash():
     assert spec_hash(parse_spec(BASE + TUNING)) != spec_hash(parse_spec(BASE))  # a tuned spec is a new sweep
 
 
+def test_pools_leave_the_hash_of_existing_specs_alone():
+    """Pools and accelerator types say where trials run, not what they compute: unset they leave every
+    existing spec's hash as it was, set they change nothing either (a sweep moved to another pool resumes)."""
+    from pathlib import Path
+
+    spec = load_spec(str(Path(__file__).resolve().parents[1] / "sweep_specs" / "quickstart.yaml"))
+    assert spec.resources.pool is None and spec.resources.accelerator_type is None
+    assert all(a.resources is None for a in spec.arms)
+    assert spec_hash(spec) == "c5495d8dca5e"
+    pinned = parse_spec(BASE.replace("passes: 2}", "passes: 2, resources: {pool: h100}}")
+                        + "resources: {pool: h100-spot, accelerator_type: H100}\n")
+    assert (pinned.resources.pool, pinned.resources.accelerator_type, pinned.arms[1].resources.pool) == \
+        ("h100-spot", "H100", "h100")
+    assert spec_hash(pinned) == spec_hash(parse_spec(BASE))
+
+
+def test_pool_and_accelerator_values_fail_in_one_line():
+    msg = _error(BASE + "resources: {pool: pool-h100}\n")
+    assert "resources.pool: 'pool-h100' is the pool's Ray resource" in msg and "(pool: h100)" in msg
+    assert "resources.pool: 'a b' is not a pool name" in _error(BASE + "resources: {pool: 'a b'}\n")
+    msg = _error(BASE + "resources: {accelerator_type: 'accelerator_type:H100'}\n")
+    assert "resources.accelerator_type" in msg and "(accelerator_type: H100)" in msg
+    assert "not an accelerator type" in _error(BASE + "resources: {accelerator_type: 'H 100'}\n")
+    msg = _error(BASE.replace("passes: 2}", "passes: 2, resources: {pool: pool-x}}"))
+    assert "arms[1].resources.pool" in msg and "(pool: x)" in msg
+    msg = _error(BASE.replace("passes: 2}", "passes: 2, resources: {gpus_per_worker: 1}}"))
+    assert "arms[1].resources: unknown key 'gpus_per_worker'; allowed keys: pool, accelerator_type" in msg
+    assert parse_spec(BASE.replace("baseline: true}", "baseline: true, resources: {pool: h100}}"))  # not recurrence
+
+
+def test_storage_falls_back_to_lrt_storage(monkeypatch):
+    monkeypatch.delenv("LRT_STORAGE", raising=False)
+    assert parse_spec(BASE).storage == "./runs"  # the default as before
+    monkeypatch.setenv("LRT_STORAGE", "")
+    assert parse_spec(BASE).storage == "./runs"  # set but empty: unset
+    monkeypatch.setenv("LRT_STORAGE", "s3://lrt-sweeps/runs")
+    spec = parse_spec(BASE)
+    assert spec.storage == "s3://lrt-sweeps/runs"
+    assert parse_spec(BASE + "storage: /data/runs\n").storage == "/data/runs"  # the spec's own wins
+    assert spec_hash(spec) == spec_hash(parse_spec(BASE + "storage: ./runs\n"))  # where, not what
+
+
 def test_not_yaml_and_not_a_mapping():
     assert "not valid YAML" in _error("a: [1, 2")
     assert "a YAML mapping" in _error("- 1\n- 2\n")
