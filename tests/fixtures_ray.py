@@ -10,8 +10,9 @@ Design choices:
 - The environment (LRT_CACHE from conftest, MLFLOW_* set by tests, the moto
   S3 endpoint and its credentials) is inherited by Ray's worker processes when
   the cluster starts, so those fixtures run first.
-- The job-submission test starts its own `ray start --head` cluster instead;
-  it does not use this fixture.
+- The job-submission test (tests/test_infra_services.py) starts its own
+  `ray start --head` cluster through infra/local/up instead; it does not use
+  this fixture.
 
 Example:
     def test_something(ray_cluster):
@@ -46,4 +47,5 @@ def ray_cluster(_isolated_cache, request):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "ray_job: starts its own `ray start --head` cluster and submits a job (deselect: -m 'not ray_job')")
+        "markers", "ray_job: starts its own stack (infra/local/up: `ray start --head`, mlflow server, S3) and submits a job "
+        "(deselect: -m 'not ray_job')")

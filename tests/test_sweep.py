@@ -1,15 +1,13 @@
 """Sweeps on a real local Ray cluster: grid, retry, resume, Optuna search, TorchTrainer workers,
-resource checks, the CLI's one-line errors, and one `ray job submit` against `ray start --head`."""
+resource checks, the CLI's one-line errors. (`ray job submit` against a `ray start --head` cluster:
+tests/test_infra_services.py, through infra/local/up.)"""
 
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -620,87 +618,6 @@ def test_cli_bad_spec_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run([PY, "-m", "lrt_platform.sweep", str(unknown), "--dry-run"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "budget_typo" in proc.stderr
-
-
-# ---------------------------------------------------------------------------
-# Job submission against a `ray start --head` cluster (its own cluster; the only such test)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RUNTIME_ENV = {"excludes": [".git", "runs", "mlruns", "mlartifacts", "*.db", "venv", ".venv", "**/__pycache__",
-                            ".pytest_cache", "*.egg-info"]}
-
-
-@pytest.mark.ray_job
-def test_ray_job_submit_runs_the_quickstart_twin(tmp_path):
-    ray_bin = os.path.join(os.path.dirname(PY), "ray")
-    gcs, dash = _free_port(), _free_port()
-    # every fixed default port gets a free one: another Ray on this machine (the session's in-process
-    # cluster, a colleague's) already holds the defaults, e.g. the dashboard agent's 52365
-    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port",
-                                                     "ray-client-server-port", "node-manager-port",
-                                                     "object-manager-port")]
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "PATH": os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""),
-           "RAY_AUTH_MODE": "token"}  # token auth stays on; clients need this to send the token
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port", str(gcs), "--node-ip-address",
-                             "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                             "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats", *ports],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        _wait_for_dashboard(ray_bin, address, env, head)
-        submission = f"lrt-test-{os.getpid()}-{int(time.time())}"
-        submit = [ray_bin, "job", "submit", "--address", address, "--submission-id", submission, "--working-dir", ".",
-                  "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
-                  "python", "-m", "lrt_platform.sweep", "sweep_specs/tiny/quickstart.yaml",
-                  "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-        for _ in range(15):  # the dashboard answers before the head's job agent is up: "try again later"
-            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-            if "No available agent" not in job.stderr + job.stdout:
-                break
-            time.sleep(2)
-        status = subprocess.run([ray_bin, "job", "status", "--address", address, submission], env=env,
-                                capture_output=True, text=True, timeout=60)
-        assert "succeeded" in (status.stdout + status.stderr).lower(), job.stdout[-3000:] + job.stderr[-3000:]
-        assert "orchestration overhead" in job.stdout
-    finally:
-        _stop_head(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_dashboard(ray_bin: str, address: str, env: dict, head: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert head.poll() is None, "ray start --head exited"
-        proc = subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True,
-                              text=True, timeout=60)
-        if proc.returncode == 0:
-            return
-        time.sleep(2)
-    raise AssertionError(f"the Ray dashboard at {address} did not come up in {timeout:.0f}s")
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    """Stop the cluster this test started, and only it: `ray start --block` tears down its own processes
-    on SIGTERM; anything left in its process group (ours, by id) is killed after a grace period."""
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # ---------------------------------------------------------------------------
