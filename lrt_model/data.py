@@ -24,6 +24,15 @@ Design choices:
   Trimming keeps ranks in lockstep, so every rank's `state_dict()` is the
   same and resuming re-packs the current shard and skips rows: the resumed
   loader yields exactly the batches the original would have.
+- Manifests (`python -m lrt_model.data upload DIR DEST`): an uploaded corpus
+  carries `manifest.json` (per shard: name, bytes, parquet rows, SHA-256; the
+  shared schema), written last and atomically, so a half-finished upload has
+  none. `verify` re-reads every byte against it; `verify_corpus(...,
+  checksums=False)` (what the sweep's planner runs) checks only what costs no
+  full read: the shard list, sizes (one listing) and row counts and schema
+  (parquet footers), so a truncated, missing or extra shard is caught at plan
+  time, a flipped byte inside a page only by `verify`. A corpus without a
+  manifest (stdlib, the builders' folders) is read as before.
 
 Example:
     >>> from lrt_model.data import TokenLoader
@@ -34,12 +43,16 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import bisect
+import hashlib
+import json
 import os
 import sys
 import sysconfig
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -49,7 +62,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from .fs import resolve
+from .fs import resolve, write_atomic
 
 SHARD_BYTES = 8 * 1024 * 1024  # train shard size target: a shard packs in about a second
 VAL_MODULUS = 20  # crc32(relpath) % 20 == 0 -> validation (~5% of documents)
@@ -69,7 +82,7 @@ def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as s3://bucket/dir."""
     try:
         return resolve(uri)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError, as is a path that is not valid UTF-8
         raise DataError(f"cannot open corpus location {uri!r} ({_one_line(e)}): pass a local directory or an s3:// URI") from e
 
 
@@ -305,6 +318,218 @@ def _split_shards(shards: list[str], split: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# Manifests: uploading a corpus and verifying it
+
+
+MANIFEST = "manifest.json"  # written last by `upload`: present means every shard it lists was written whole
+MANIFEST_FORMAT = 1
+COPY_CHUNK = 8 * 1024 * 1024  # bytes per read when copying or hashing a shard
+IO_THREADS = 16  # shards copied, hashed or footer-read at once: on S3 the limit is latency, not CPU
+
+
+def _again(corpus: str) -> str:
+    return f"upload the corpus again (python -m lrt_model.data upload DIR {corpus})"
+
+
+def _schema_fields(schema: pa.Schema) -> list[dict]:
+    return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+def _schema_text(fields: list[dict]) -> str:
+    return "{" + ", ".join(f"{f['name']}: {f['type']}" for f in fields) + "}"
+
+
+def _footer(fs: pafs.FileSystem, path: str) -> tuple[int, list[dict]]:
+    """(rows, schema) from a shard's parquet footer: a few KB read, not the shard."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        return pf.metadata.num_rows, _schema_fields(pf.schema_arrow)
+
+
+def _sha256(fs: pafs.FileSystem, path: str, copy_to: tuple[pafs.FileSystem, str] | None = None) -> tuple[int, str]:
+    """(bytes, SHA-256) of a file, read once; `copy_to` (filesystem, path) also writes the bytes there."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as src:
+        out = copy_to[0].open_output_stream(copy_to[1]) if copy_to else None
+        try:
+            while chunk := src.read(COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if out is not None:
+                    out.write(chunk)
+        finally:
+            if out is not None:
+                out.close()
+    return size, digest.hexdigest()
+
+
+def _parallel(fn, items: list) -> list:
+    with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, len(items)))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str) -> dict[str, pafs.FileInfo]:
+    """name -> FileInfo (with its size) of the `*.parquet` files directly in a folder: one listing."""
+    files = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return {f.base_name: f for f in files if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")}
+
+
+def upload_corpus(src: str, dest: str) -> dict:
+    """Copy a corpus's shards (a local folder or URI) to `dest` (a local folder or s3://bucket/prefix) and
+    write `dest/manifest.json` last, atomically: per shard its name, bytes, parquet rows and SHA-256, and
+    the schema every shard shares. Returns the manifest. An existing manifest at `dest` is deleted before
+    the first shard is written, so an interrupted upload leaves none. `src == dest` writes the manifest of
+    a corpus in place; `src="stdlib"` uploads the built standard-library corpus."""
+    src = build_stdlib_corpus() if src == "stdlib" else _normalize(src)
+    dest = _normalize(dest)
+    sfs, spath = _fs(src)
+    if sfs.get_file_info(spath).type == pafs.FileType.NotFound:
+        raise DataError(f"upload source {src} does not exist: pass a folder of .parquet shards, or stdlib")
+    sfs, shards = _list_shards(src)  # >= 2 shards, sorted; the last one is validation
+    for path in shards:
+        _check_text_column(sfs, path)  # a string column 'text' in every shard
+    try:
+        footers = _parallel(lambda p: _footer(sfs, p), shards)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"reading the shards of {src} failed ({_one_line(e)}): check them and upload again") from None
+    names = [p.rsplit("/", 1)[-1] for p in shards]
+    schema = footers[0][1]
+    for name, (_, fields) in zip(names[1:], footers[1:]):
+        if fields != schema:
+            raise DataError(f"shard {name} of {src} has schema {_schema_text(fields)} but {names[0]} has "
+                            f"{_schema_text(schema)}: write every shard with the same columns and types")
+    dfs, out = _fs(dest)
+    in_place = dest.rstrip("/") == src.rstrip("/")
+    try:
+        kind = dfs.get_file_info(out).type
+        if kind == pafs.FileType.File:
+            raise DataError(f"upload destination {dest} is a file: pass a folder or an s3://bucket/prefix")
+        stray = sorted(set(_parquet_files(dfs, out)) - set(names))
+        if stray:
+            raise DataError(f"{dest} already holds shards that {src} does not ({', '.join(stray[:3])}"
+                            f"{', ...' if len(stray) > 3 else ''}), and a corpus is every shard in its folder: "
+                            "upload to an empty prefix or delete them")
+        if dfs.get_file_info(_join(out, MANIFEST)).type == pafs.FileType.File:
+            dfs.delete_file(_join(out, MANIFEST))  # until the new one is written, the upload is unfinished
+        dfs.create_dir(out, recursive=True)
+        copied = _parallel(lambda p: _sha256(sfs, p, None if in_place else (dfs, _join(out, p.rsplit("/", 1)[-1]))),
+                           shards)
+        landed = _parquet_files(dfs, out)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"uploading {src} to {dest} failed ({_one_line(e)}): check the destination's "
+                        "credentials and space, then upload again") from None
+    entries = []
+    for name, (size, sha), (rows, _) in zip(names, copied, footers):
+        if name not in landed or landed[name].size != size:
+            found = f"{landed[name].size} bytes" if name in landed else "missing"
+            raise DataError(f"shard {name} reached {dest} incomplete ({found}, {size} bytes sent): upload again")
+        entries.append({"name": name, "bytes": size, "rows": rows, "sha256": sha})
+    manifest = {"format": MANIFEST_FORMAT, "schema": schema, "rows": sum(e["rows"] for e in entries),
+                "bytes": sum(e["bytes"] for e in entries), "val_shard": names[-1], "shards": entries}
+    head = json.dumps({k: v for k, v in manifest.items() if k != "shards"})[:-1]
+    text = head + ', "shards": [\n' + ",\n".join(json.dumps(e) for e in entries) + "\n]}\n"  # a shard per line
+    try:
+        write_atomic(dfs, _join(out, MANIFEST), text.encode())
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"writing {_join(dest, MANIFEST)} failed ({_one_line(e)}): upload again") from None
+    return manifest
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str, corpus: str) -> tuple[dict | None, str | None]:
+    """(manifest, None), (None, None) when there is none, or (None, the problem)."""
+    where = _join(path, MANIFEST)
+    if fs.get_file_info(where).type != pafs.FileType.File:
+        return None, None
+    try:
+        with fs.open_input_stream(where) as f:
+            m = json.loads(f.read())
+        shards = m["shards"]
+        ok = (m.get("format") == MANIFEST_FORMAT and isinstance(shards, list) and shards
+              and isinstance(m["schema"], list) and all(
+                  isinstance(s, dict) and isinstance(s.get("name"), str) and s["name"].endswith(".parquet")
+                  and "/" not in s["name"] and all(isinstance(s.get(k), int) for k in ("bytes", "rows"))
+                  and isinstance(s.get("sha256"), str) for s in shards))
+        if not ok:
+            raise ValueError(f"not a format-{MANIFEST_FORMAT} manifest of shards")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return None, f"corpus {corpus}: {MANIFEST} is unreadable ({_one_line(e)}): {_again(corpus)}"
+    return m, None
+
+
+def corpus_problems(corpus: str, checksums: bool = True,
+                    require_manifest: bool = True) -> tuple[dict | None, list[str]]:
+    """(manifest, one line per problem) of a corpus against its manifest. Per shard the first problem found:
+    missing, size, footer (unreadable, rows, schema), then (with `checksums`, a full read of every shard)
+    SHA-256; also any `*.parquet` the manifest does not list, since the loader would read it. No manifest is
+    a problem, or with require_manifest=False (None, [])."""
+    if corpus == "stdlib":
+        return None, [f"the stdlib corpus is built on each machine and has no {MANIFEST}: verify an uploaded "
+                      "corpus (python -m lrt_model.data upload DIR DEST writes one)"] if require_manifest else []
+    corpus = _normalize(corpus)
+    fs, path = _fs(corpus)
+    try:
+        manifest, problem = _read_manifest(fs, path, corpus)
+        if problem:
+            return None, [problem]
+        if manifest is None:
+            if not require_manifest:
+                return None, []
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None, [f"corpus {corpus} does not exist: pass the folder or s3:// prefix an upload wrote"]
+            return None, [f"corpus {corpus} has no {MANIFEST}: write one with python -m lrt_model.data upload DIR "
+                          f"{corpus} (an interrupted upload has none; DIR = {corpus} adds one in place)"]
+        listed = [s["name"] for s in manifest["shards"]]
+        present = _parquet_files(fs, path)
+
+        def check(entry: dict) -> str | None:
+            name, info = entry["name"], present.get(entry["name"])
+            at = f"corpus {corpus}: shard {name}"
+            if info is None:
+                return f"{at} is missing (the manifest lists it): {_again(corpus)}"
+            if info.size != entry["bytes"]:
+                return f"{at} is {info.size} bytes, the manifest says {entry['bytes']}: {_again(corpus)}"
+            try:
+                rows, fields = _footer(fs, info.path)
+            except (pa.ArrowException, OSError) as e:
+                return f"{at} is not a readable parquet file ({_one_line(e, 120)}): {_again(corpus)}"
+            if rows != entry["rows"]:
+                return f"{at} has {rows} rows, the manifest says {entry['rows']}: {_again(corpus)}"
+            if fields != manifest["schema"]:
+                return (f"{at} has schema {_schema_text(fields)}, the manifest says "
+                        f"{_schema_text(manifest['schema'])}: {_again(corpus)}")
+            if checksums:
+                sha = _sha256(fs, info.path)[1]
+                if sha != entry["sha256"]:
+                    return (f"{at} has SHA-256 {sha[:16]}..., the manifest says {entry['sha256'][:16]}... "
+                            f"(same size and footer: its bytes changed): {_again(corpus)}")
+            return None
+
+        problems = [p for p in _parallel(check, manifest["shards"]) if p]
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return None, [f"corpus {corpus}: cannot read it ({_one_line(e)}): check the location and its credentials"]
+    problems += [f"corpus {corpus}: shard {name} is not in the manifest, and the loader would read it: "
+                 f"delete it or {_again(corpus)}" for name in sorted(set(present) - set(listed))]
+    return manifest, problems
+
+
+def verify_corpus(corpus: str, checksums: bool = True, require_manifest: bool = True) -> dict | None:
+    """Check a corpus against its manifest; a DataError (one line) for the first problem. Returns a summary
+    {"corpus", "shards", "rows", "bytes", "checksums"}, or None for a corpus without a manifest when
+    `require_manifest` is False (the stdlib corpus, the builders' folders). `checksums=False` reads only
+    the listing and the parquet footers (what the sweep's planner runs); True reads every byte."""
+    manifest, problems = corpus_problems(corpus, checksums, require_manifest)
+    if problems:
+        more = len(problems) - 1
+        raise DataError(problems[0] + (f" (and {more} more problem(s): python -m lrt_model.data verify "
+                                       f"{_normalize(corpus)} lists them)" if more else ""))
+    if manifest is None:
+        return None
+    shards = manifest["shards"]
+    return {"corpus": _normalize(corpus), "shards": len(shards), "rows": sum(s["rows"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards), "checksums": checksums}
+
+
+# ---------------------------------------------------------------------------
 # Packing
 
 
@@ -505,3 +730,65 @@ def validation_rows(corpus: str, tokenizer, seq_len: int, max_rows: int) -> torc
         raise DataError(f"the validation shard {shards[-1]} packs into no rows of seq_len+1={seq_len + 1} tokens: "
                         "use a smaller seq_len or a larger validation shard")
     return torch.from_numpy(rows.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is a one-line DataError (main prints it, exit code 2), not argparse's usage block."""
+
+    def error(self, message: str):
+        raise DataError(f"{' '.join(message.split())} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m lrt_model.data",
+                description="Upload a parquet corpus with a checksum manifest, or verify a corpus against its own.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{upload,verify}", parser_class=_Parser)
+    up = sub.add_parser("upload", help="copy DIR's shards to DEST, then write DEST/manifest.json",
+                        description="Copy the *.parquet shards of DIR (a string column 'text' in each; the last "
+                                    "by name is validation) to DEST, then write DEST/manifest.json last: per shard "
+                                    "its bytes, rows and SHA-256, and the schema.")
+    up.add_argument("src", metavar="DIR", help="a folder (or URI) of parquet shards, or stdlib (the built-in corpus)")
+    up.add_argument("dest", metavar="DEST", help="a local folder or s3://bucket/prefix (DEST = DIR: add a manifest "
+                                                 "in place)")
+    ve = sub.add_parser("verify", help="check DEST's shards against its manifest; one line per problem",
+                        description="Check DEST's shard list, sizes, row counts, schema and SHA-256 against "
+                                    "DEST/manifest.json: one line per problem, exit status 1 if any.")
+    ve.add_argument("corpus", metavar="DEST", help="a local folder or s3://bucket/prefix with a manifest.json")
+    ve.add_argument("--no-checksums", action="store_true",
+                    help="skip the SHA-256 (a full read): the shard list, sizes, and row counts and schema from "
+                         "the parquet footers only, as a sweep checks at plan time")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done / no problem, 1 verify found problems (one line each on stdout), 2 an error."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "upload":
+            m = upload_corpus(args.src, args.dest)
+            dest = _normalize(args.dest)
+            print(f"uploaded {len(m['shards'])} shards ({m['rows']:,} rows, {m['bytes']:,} bytes; validation "
+                  f"shard {m['val_shard']}) to {dest}; manifest written last: {_join(dest, MANIFEST)}")
+            return 0
+        manifest, problems = corpus_problems(args.corpus, checksums=not args.no_checksums)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.corpus}", file=sys.stderr)
+        return 1
+    shards = manifest["shards"]
+    checked = "sizes, rows, schema" + ("" if args.no_checksums else " and SHA-256")
+    print(f"ok: {_normalize(args.corpus)}: {len(shards)} shards, {sum(s['rows'] for s in shards):,} rows, "
+          f"{sum(s['bytes'] for s in shards):,} bytes match its manifest ({checked})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

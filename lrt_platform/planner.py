@@ -66,6 +66,7 @@ from functools import lru_cache
 import torch
 
 from lrt_model.config import ConfigError, ModelConfig, RecurrenceConfig
+from lrt_model.data import verify_corpus
 from lrt_model.evaluation import check_inputs as check_icl_inputs
 from lrt_model.flops import (baseline_flops_per_token, mean_flops_per_token, run_flops_per_token, training_flops,
                              training_flops_per_token)
@@ -375,12 +376,24 @@ def _pool_cell(t: Trial) -> str:
 # Plans
 
 
-def plan(spec: Spec, root: str | None = None) -> list[Trial]:
+def check_corpus(spec: Spec) -> None:
+    """A corpus with a manifest (`python -m lrt_model.data upload`) must match it before anything starts:
+    every listed shard present and none extra, sizes, and row counts and schema from the parquet footers.
+    No full read, so a byte flipped inside a page passes here; `python -m lrt_model.data verify` checks
+    every byte's SHA-256. A corpus without a manifest (stdlib, the builders' folders) passes as before."""
+    if spec.data.corpus != "stdlib":
+        verify_corpus(storage.absolute(spec.data.corpus), checksums=False, require_manifest=False)
+
+
+def plan(spec: Spec, root: str | None = None, corpus_check: bool = True) -> list[Trial]:
     """The fixed trials of a spec: every arm x depth x budget x seed (for a search spec: the baseline only;
-    its searched arm is planned per Optuna trial by `plan_search_trial`)."""
+    its searched arm is planned per Optuna trial by `plan_search_trial`). `corpus_check=False` skips
+    `check_corpus` (which reads the corpus's listing and footers, on S3 too)."""
     # what a trial reads only at its end (the CORE bundle) is checked now: a wrong eval.icl.core_dir is one
     # ConfigError naming it, not a failure after every trial's training and every retry's
     check_icl_inputs(spec.eval.icl, "eval.icl")
+    if corpus_check:
+        check_corpus(spec)  # a truncated or missing shard of an uploaded corpus: one DataError now
     root = _root(spec, root)
     arms = [spec.baseline_arm] + ([a for a in spec.lrt_arms] if spec.search is None else [])
     optim = OptimConfig(**spec.optim.overrides())

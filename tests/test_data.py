@@ -6,7 +6,10 @@ corpus is built once per module.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import sys
 import zlib
 
@@ -435,3 +438,150 @@ def test_empty_shards_are_skipped(tmp_path):
     write_corpus(tmp_path, [good, [], [None, ""], good])
     x, _ = TokenLoader(str(tmp_path), ByteTokenizer(), "train", seq_len=16, batch_size=4).next_batch()
     assert x.shape == (4, 16)
+
+
+# ---------------------------------------------------------------------------
+# manifests: upload and verify
+
+
+def _flip_byte(path: str) -> None:
+    """Flip byte 4, the first page's header: the size and the footer (rows, schema) stay as they were."""
+    with open(path, "r+b") as f:
+        f.seek(4)
+        b = f.read(1)
+        f.seek(4)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+
+
+CORRUPTIONS = {  # name -> (damage done to an uploaded corpus, what its one problem line says)
+    "flipped byte": (lambda d: _flip_byte(os.path.join(d, "s001.parquet")), "shard s001.parquet has SHA-256"),
+    "removed shard": (lambda d: os.remove(os.path.join(d, "s001.parquet")),
+                      "shard s001.parquet is missing (the manifest lists it)"),
+    "truncated shard": (lambda d: _truncate(os.path.join(d, "s001.parquet")), "shard s001.parquet is "),
+    "missing manifest": (lambda d: os.remove(os.path.join(d, data.MANIFEST)), "has no manifest.json"),
+    "extra shard": (lambda d: pq.write_table(pa.table({"text": ["stray"]}), os.path.join(d, "s009.parquet")),
+                    "shard s009.parquet is not in the manifest"),
+}
+
+
+@pytest.fixture
+def uploaded(tiny_corpus, tmp_path) -> str:
+    dest = str(tmp_path / "uploaded")
+    assert data.main(["upload", tiny_corpus, dest]) == 0
+    return dest
+
+
+def test_upload_then_verify(tiny_corpus, uploaded, capsys):
+    with open(os.path.join(uploaded, data.MANIFEST)) as f:
+        manifest = json.load(f)
+    names = sorted(n for n in os.listdir(tiny_corpus) if n.endswith(".parquet"))
+    assert [s["name"] for s in manifest["shards"]] == names and manifest["val_shard"] == names[-1]
+    assert manifest["schema"] == [{"name": "text", "type": "string"}]
+    for s in manifest["shards"]:
+        raw = open(os.path.join(tiny_corpus, s["name"]), "rb").read()
+        assert s["bytes"] == len(raw) and s["sha256"] == hashlib.sha256(raw).hexdigest() and s["rows"] == 15
+    assert not [n for n in os.listdir(uploaded) if n.startswith(".")]  # no temp file left by write_atomic
+    assert data.verify_corpus(uploaded) == {"corpus": uploaded, "shards": 4, "rows": 60,
+                                            "bytes": sum(s["bytes"] for s in manifest["shards"]), "checksums": True}
+    assert data.main(["verify", uploaded]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {uploaded}: 4 shards, 60 rows")
+    tok = ByteTokenizer()  # the copy reads as the original
+    assert torch.equal(TokenLoader(uploaded, tok, seq_len=16, batch_size=2).next_batch()[0],
+                       TokenLoader(tiny_corpus, tok, seq_len=16, batch_size=2).next_batch()[0])
+    # a corpus without a manifest is accepted where one is optional (the planner's call), refused where required
+    assert data.verify_corpus(tiny_corpus, checksums=False, require_manifest=False) is None
+    assert data.verify_corpus("stdlib", require_manifest=False) is None
+    # in place: DIR = DEST adds a manifest to a corpus; re-uploading over a manifest replaces it
+    assert data.main(["upload", tiny_corpus, tiny_corpus]) == 0 and data.verify_corpus(tiny_corpus)["shards"] == 4
+    assert data.main(["upload", tiny_corpus, uploaded]) == 0 and data.verify_corpus(uploaded)["shards"] == 4
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"uploaded 4 shards (60 rows, {manifest['bytes']:,} "
+                                                               f"bytes; validation shard s003.parquet) to {uploaded}")
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_verify_reports_each_problem_in_one_line(uploaded, kind, capsys):
+    damage, fragment = CORRUPTIONS[kind]
+    damage(uploaded)
+    capsys.readouterr()
+    assert data.main(["verify", uploaded]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and uploaded in lines[0], lines
+    with pytest.raises(DataError) as info:
+        data.verify_corpus(uploaded)
+    assert str(info.value) == lines[0]
+    # the planner's check reads no page: every problem but a byte flipped inside a page shows there too
+    if kind == "flipped byte":
+        assert data.verify_corpus(uploaded, checksums=False)["shards"] == 4
+        assert data.main(["verify", "--no-checksums", uploaded]) == 0
+    else:
+        with pytest.raises(DataError, match=re.escape(fragment)):
+            data.verify_corpus(uploaded, checksums=False, require_manifest=False) if kind != "missing manifest" \
+                else data.verify_corpus(uploaded, checksums=False)
+
+
+def test_verify_lists_every_problem(uploaded, capsys):
+    for kind in ("flipped byte", "truncated shard", "extra shard"):
+        CORRUPTIONS[kind][0](uploaded)
+    os.remove(os.path.join(uploaded, "s002.parquet"))
+    capsys.readouterr()
+    assert data.main(["verify", uploaded]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and "s001.parquet is" in out[0] and "s002.parquet is missing" in out[1], out
+    assert "s009.parquet is not in the manifest" in out[2]
+    with pytest.raises(DataError, match=r"\(and 2 more problem\(s\): python -m lrt_model.data verify "):
+        data.verify_corpus(uploaded)
+    with open(os.path.join(uploaded, data.MANIFEST), "w") as f:
+        f.write('{"format": 1, "shards": "no"}')
+    with pytest.raises(DataError, match="manifest.json is unreadable"):
+        data.verify_corpus(uploaded, checksums=False, require_manifest=False)
+
+
+def test_an_interrupted_upload_leaves_no_manifest(tiny_corpus, uploaded, monkeypatch):
+    real, calls = data._sha256, []
+
+    def failing(fs, path, copy_to=None):
+        calls.append(path)
+        if path.endswith("s002.parquet"):
+            raise OSError("connection reset")
+        return real(fs, path, copy_to)
+
+    monkeypatch.setattr(data, "_sha256", failing)
+    with pytest.raises(DataError, match=r"^uploading .* failed \(connection reset\): check the destination"):
+        data.upload_corpus(tiny_corpus, uploaded)  # over a finished upload: its manifest goes first
+    assert calls and not os.path.exists(os.path.join(uploaded, data.MANIFEST))
+    with pytest.raises(DataError, match="has no manifest.json"):
+        data.verify_corpus(uploaded)
+
+
+def test_upload_errors_are_one_line_with_exit_2(tiny_corpus, tmp_path, capsys):
+    write_corpus(tmp_path / "other", [["a"], ["b"], ["c"], ["d"], ["e"]])  # s000..s004: more than tiny's 4
+    write_corpus(tmp_path / "mixed", [["a"], ["b"]])
+    pq.write_table(pa.table({"text": ["c"], "id": [1]}), str(tmp_path / "mixed" / "s002.parquet"))
+    cases = [
+        (["upload", str(tmp_path / "nope"), str(tmp_path / "d1")], "upload source"),
+        (["upload", tiny_corpus, str(tmp_path / "other")], "already holds shards that"),  # s004 would stay
+        (["upload", str(tmp_path / "mixed"), str(tmp_path / "d2")], "write every shard with the same columns"),
+        (["upload", tiny_corpus, os.path.join(tiny_corpus, "s000.parquet")], "is a file"),
+        (["upload", tiny_corpus], "the following arguments are required: DEST"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ]
+    for argv, fragment in cases:
+        capsys.readouterr()
+        assert data.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, (argv, err)
+    assert not os.path.exists(tmp_path / "d1") and not os.path.exists(tmp_path / "d2")
+    assert data.main(["verify", "stdlib"]) == 1 and "has no manifest.json" in capsys.readouterr().out
+
+
+def test_the_module_runs_as_a_command(uploaded):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "lrt_model.data", "verify", uploaded], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok: ") and not r.stderr, r

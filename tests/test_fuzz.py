@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from lrt_model import train as trainer
 from lrt_model.config import ConfigError
 from lrt_model.data import DataError
-from lrt_platform import storage, sweep
+from lrt_platform import planner, storage, sweep
 from lrt_platform.planner import PlanError, check_search_budget, plan
 from lrt_platform.spec import SpecError, spec_from_data, spec_hash
 
@@ -114,6 +114,15 @@ def _memory_backstop():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_DATA, old)
+
+
+@pytest.fixture(autouse=True)
+def _no_corpus_checks_over_the_network(monkeypatch):
+    """plan() checks an uploaded corpus against its manifest, and the shipped cluster specs name
+    s3://lrt-data: every such case would ask S3 (seconds each; an error offline). Local corpus strings are
+    still checked (a stat); the check itself is tested in tests/test_data.py and tests/test_s3.py."""
+    real = planner.check_corpus
+    monkeypatch.setattr(planner, "check_corpus", lambda spec: None if "://" in spec.data.corpus else real(spec))
 
 
 def outcome(fn) -> str:

@@ -170,7 +170,7 @@ def test_dry_run_shows_the_tuning_phases(tmp_path, capsys):
 
 
 def test_scaling_spec_pairs_match():
-    trials = plan(load_spec(f"{ROOT}/sweep_specs/scaling.yaml"))
+    trials = plan(load_spec(f"{ROOT}/sweep_specs/scaling.yaml"), corpus_check=False)  # its corpus is on S3
     assert len(trials) == 3 * 3 * 3 and plan_summary(trials)["max_pair_mismatch"] < 0.01
     assert all(t.config["corpus"].startswith("s3://") and t.config["checkpoint_dir"].startswith("s3://") for t in trials)
 
@@ -506,3 +506,37 @@ def test_a_wrong_core_dir_fails_at_plan_time_in_one_line(tmp_path, capsys, monke
     monkeypatch.chdir(ROOT)
     t = plan(_spec(BASE + "eval: {icl: {core_dir: tests/data/core_tiny}}\n"), root="/tmp/x")[0]
     assert t.config["icl"]["core_dir"] == os.path.join(ROOT, "tests", "data", "core_tiny")
+
+
+def test_an_uploaded_corpus_that_fails_its_manifest_is_refused_at_plan_time(tmp_path, capsys):
+    """Sizes, shard list, row counts and schema (parquet footers) are checked before anything runs; a
+    corpus without a manifest (here the source folder) is planned as before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lrt_model.data import DataError, upload_corpus
+
+    src, dest = tmp_path / "src", str(tmp_path / "uploaded")
+    src.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"text": [f"document {i}.{j} " * 30 for j in range(20)]}), str(src / f"s{i}.parquet"))
+    upload_corpus(str(src), dest)
+    with open(f"{ROOT}/sweep_specs/tiny/quickstart.yaml") as f:
+        text = f.read()
+    assert "corpus: stdlib" in text
+
+    def spec_at(corpus: str):
+        return parse_spec(text.replace("corpus: stdlib", f"corpus: '{corpus}'"))
+
+    assert len(plan(spec_at(dest), root="/tmp/x")) == 4 and len(plan(spec_at(str(src)), root="/tmp/x")) == 4
+    with open(os.path.join(dest, "s1.parquet"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(DataError, match=r"^corpus .*/uploaded: shard s1.parquet is 100 bytes, the manifest says \d+: "
+                                        r"upload the corpus again \(python -m lrt_model.data upload DIR .*\)$"):
+        plan(spec_at(dest), root="/tmp/x")
+    assert len(plan(spec_at(dest), root="/tmp/x", corpus_check=False)) == 4
+    path = tmp_path / "s.yaml"
+    path.write_text(text.replace("corpus: stdlib", f"corpus: '{dest}'"))
+    assert sweep.main([str(path), "--dry-run", "--no-probe", "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard s1.parquet is 100 bytes" in err[0], err

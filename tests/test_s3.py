@@ -1,6 +1,7 @@
 """Corpora and checkpoints on S3 (moto server on 127.0.0.1), through pyarrow.fs."""
 
 import os
+import re
 import time
 
 import boto3
@@ -9,7 +10,7 @@ import torch
 
 from lrt_model import checkpoint as ckpt
 from lrt_model.config import ModelConfig
-from lrt_model.data import TokenLoader, build_stdlib_corpus, resolve_corpus, validation_rows
+from lrt_model.data import DataError, TokenLoader, build_stdlib_corpus, resolve_corpus, validation_rows
 from lrt_model.tokenizer import ByteTokenizer
 from lrt_model.train import TrainConfig, train
 from lrt_platform import storage
@@ -120,3 +121,58 @@ def test_a_5xx_on_reading_a_small_object_is_retried(s3_bucket, s3_faults):
         assert storage.read_json(path) == {"parent_run_id": "abc", "status": "FAILED"}
     finally:
         assert s3_faults.faults > 0
+
+
+def test_upload_and_verify_a_corpus_on_s3_and_check_it_at_plan_time(s3_bucket, s3_endpoint, tmp_path, capsys):
+    """`python -m lrt_model.data upload` to S3 writes the manifest last; `verify` reports each damaged shard
+    in one line, and plan() refuses a corpus whose sizes or shard list no longer match it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lrt_model import data
+    from lrt_platform.planner import plan
+    from lrt_platform.spec import parse_spec
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        pq.write_table(pa.table({"text": [f"shard {i} document {j} " * 20 for j in range(30)]}),
+                       str(src / f"s{i:03d}.parquet"))
+    dest = f"s3://{s3_bucket}/corpora/tiny"
+    assert data.main(["upload", str(src), dest]) == 0
+    assert data.verify_corpus(dest) == {"corpus": dest, "shards": 4, "rows": 120, "checksums": True,
+                                        "bytes": sum(os.path.getsize(src / n) for n in os.listdir(src))}
+    x, _ = TokenLoader(dest, ByteTokenizer(), "train", 16, 2).next_batch()
+    assert torch.equal(x, TokenLoader(str(src), ByteTokenizer(), "train", 16, 2).next_batch()[0])
+    with open(os.path.join(os.path.dirname(__file__), "..", "sweep_specs", "tiny", "quickstart.yaml")) as f:
+        spec = parse_spec(f.read().replace("corpus: stdlib", f"corpus: {dest}"))
+    assert len(plan(spec, root="/tmp/x")) == 4
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    key = "corpora/tiny/s001.parquet"
+    original = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    flipped = bytearray(original)
+    flipped[4] ^= 0xFF  # the first page's header: size and footer unchanged
+    cases = [  # (damage, what verify's one line says, refused at plan time)
+        (lambda: s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(flipped)), "shard s001.parquet has SHA-256",
+         False),
+        (lambda: s3.delete_object(Bucket=s3_bucket, Key=key), "shard s001.parquet is missing", True),
+        (lambda: s3.put_object(Bucket=s3_bucket, Key=key, Body=original[:-100]),
+         f"shard s001.parquet is {len(original) - 100} bytes, the manifest says {len(original)}", True),
+        (lambda: s3.delete_object(Bucket=s3_bucket, Key="corpora/tiny/manifest.json"), "has no manifest.json", False),
+    ]
+    manifest = s3.get_object(Bucket=s3_bucket, Key="corpora/tiny/manifest.json")["Body"].read()
+    for damage, fragment, refused in cases:
+        damage()
+        capsys.readouterr()
+        assert data.main(["verify", dest]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 1 and fragment in lines[0] and dest in lines[0], lines
+        if refused:
+            with pytest.raises(DataError, match=re.escape(fragment)):
+                plan(spec, root="/tmp/x")
+        else:  # a page's bytes are read by `verify` only; a corpus without a manifest is planned as before
+            assert len(plan(spec, root="/tmp/x")) == 4
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=original)
+        s3.put_object(Bucket=s3_bucket, Key="corpora/tiny/manifest.json", Body=manifest)
+        assert data.verify_corpus(dest)["shards"] == 4
