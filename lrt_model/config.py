@@ -58,6 +58,60 @@ class ConfigError(ValueError):
     """A config value is out of range; the message names the field and the fix."""
 
 
+def config_field(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field carrying what its command-line flag and its spec schema are derived from: `help`,
+    and optionally `choices`, bounds (`ge`, `gt`, `le`, `lt`), `items` (bounds of a list's numbers),
+    `max_length` and `json` (the flag takes a JSON value). `validate()` still checks every value."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _json_value(text: str):
+    import argparse
+    import json
+
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise argparse.ArgumentTypeError(f"{short_repr(text)} is not JSON") from None
+
+
+def add_config_arguments(group, cls, defaults: dict | None = None) -> None:
+    """One flag per field of the dataclass `cls` (`--source-layer`; a bool that defaults to True gets
+    `--no-<name>`), typed, with its choices, default and help. `defaults` overrides a field's default."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = (defaults or {}).get(f.name, f.default)
+        kind = typing.get_origin(hints[f.name])
+        base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] if kind is not None else []
+        tp = hints[f.name] if kind is None else base[0] if len(base) == 1 else hints[f.name]
+        help_ = (f.metadata.get("help") or "").replace("%", "%%") or None  # argparse formats help with %
+        if tp is bool:
+            if f.default:
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                   help=f"turn off: {help_} (default: {f.name}=%(default)s)")
+            else:
+                group.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_)
+        elif f.metadata.get("json"):
+            group.add_argument(_flag(f.name), dest=f.name, type=_json_value, default=default, help=help_)
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            group.add_argument(_flag(f.name), dest=f.name, type=item, nargs="+", default=default, help=help_)
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, type=tp, default=default, help=help_,
+                               choices=f.metadata.get("choices"))
+
+
+def config_arguments(args, cls) -> dict:
+    """The values of `cls`'s fields in parsed arguments (see `add_config_arguments`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+
+
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(f"{name}={short_repr(value)} is not allowed; choose one of {', '.join(map(str, allowed))}")
@@ -223,22 +277,30 @@ class RecurrenceConfig:
     training step (`passes_at`); `passes` is then its last value.
     """
 
-    source_layer: int = -1  # block index; negative counts from the end
-    injection: str = "both"  # kv | residual | both
-    projection: str = "shared"  # shared | layerwise
-    gates: bool = True  # learned per-head gates on the KV memory path (init 1)
-    gamma_init: float = 0.1  # per-layer residual-injection scale
-    strategy: str = "interleaved"
-    passes: int = 2  # S (interleaved) or K (multi_refine)
-    refresh_kv: bool = False  # interleaved: re-project unvisited K/V with the latest memory
-    detach: bool = False  # multi_refine: no gradient through earlier passes' memory
-    loss_weights: list[float] | None = None  # per-pass loss weights (passes + 1 of them)
-    # [[progress_fraction, passes], ...]: S (or K) from that fraction of the optimiser steps on;
-    # the first fraction is 0.0 and `passes` equals the last value (evaluation's merged view uses it)
-    passes_schedule: list[list] | None = None
+    # The one definition of the recurrence settings: the trainer's flags (`add_config_arguments`) and the
+    # sweep spec's arm fields (lrt_platform.spec) are derived from these fields, their help and bounds.
+    source_layer: int = config_field(-1, "block whose output is the memory; negative counts from the end",
+                                     ge=-MAX_DEPTH, lt=MAX_DEPTH)
+    injection: str = config_field("both", "where the memory enters", choices=INJECTIONS)
+    projection: str = config_field("shared", "one memory projection for all layers, or one per layer",
+                                   choices=PROJECTIONS)
+    gates: bool = config_field(True, "learned per-head gates on the KV memory path (init 1)")
+    gamma_init: float = config_field(0.1, "per-layer residual-injection scale")
+    strategy: str = config_field("interleaved", "how training approximates the recurrence", choices=STRATEGIES)
+    passes: int = config_field(2, "S for interleaved, K for multi_refine", gt=0, le=MAX_PASSES)
+    refresh_kv: bool = config_field(False, "interleaved: re-project unvisited K/V with the latest memory")
+    detach: bool = config_field(False, "multi_refine: no gradient through earlier passes' memory")
+    loss_weights: list[float] | None = config_field(None, "per-pass loss weights, passes + 1 of them, pass 0 first",
+                                                    items={"ge": 0}, max_length=MAX_PASSES + 1)
+    # S (or K) from each fraction of the optimiser steps on; the first fraction is 0.0 and `passes` equals
+    # the last value (evaluation's merged view uses it)
+    passes_schedule: list[tuple[float, int]] | None = config_field(
+        None, 'JSON [[fraction, passes], ...], e.g. "[[0.0, 2], [0.6, 4], [0.9, 8]]"; passes = the last value',
+        items={"gt": 0, "le": MAX_PASSES}, max_length=MAX_PASSES, json=True)
     # Passes after pass 0 keep no MLP activations for backward and recompute them
     # there instead: less activation memory for about 5% more arithmetic per step.
-    recompute_mlp: bool = False
+    recompute_mlp: bool = config_field(False, "passes after pass 0 recompute their MLP activations in backward "
+                                              "(less memory, ~5% more compute)")
 
     def __post_init__(self) -> None:
         # tuples (YAML, pydantic) and lists (JSON) compare equal after this

@@ -41,9 +41,8 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import (FRACTION_FIELDS, LR_FIELDS, MAX_BATCH, MAX_BUDGET, MAX_SEED, MAX_SEQ_LEN, MAX_VOCAB, ConfigError,
-                     ModelConfig,
-                     RecurrenceConfig, check_bool, check_icl, check_int, check_number, check_optim, from_mapping,
-                     short_repr)
+                     ModelConfig, RecurrenceConfig, add_config_arguments, check_bool, check_icl, check_int,
+                     check_number, check_optim, config_arguments, from_mapping, short_repr)
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
 from .evaluation import VIEWS, check_inputs, evaluate_bpb, evaluate_icl, icl_config
 from .flops import mean_flops_per_token, peak_flops, run_flops_per_token, training_flops
@@ -51,6 +50,11 @@ from .model import GPT
 from .optim import OptimConfig, build_optimizers, set_schedule
 from .recurrence import training_loss
 from .tokenizer import get_tokenizer
+
+
+# a field that says how a run executes or what it reports, not what it computes: a checkpoint resumes under
+# any value of it (`_check_same_run`)
+_HOW = {"run_independent": True}
 
 
 @dataclass
@@ -67,14 +71,15 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = about 8 evaluations per run
     eval_tokens: int = 32768  # validation tokens per evaluation
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = field(default="auto", metadata=_HOW)  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False
-    checkpoint_dir: str | None = None  # local path or s3:// URI; resumes from it when a checkpoint exists
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    stop_after_steps: int | None = None  # stop early (as if interrupted) after this many steps
-    progress: bool = True
-    icl: dict | None = None  # in-context-learning evaluation at the end (lrt_model.evaluation); {"evals": []} turns it off
+    compile: bool = field(default=False, metadata=_HOW)
+    checkpoint_dir: str | None = field(default=None, metadata=_HOW)  # local or s3://; resumes from a checkpoint there
+    checkpoint_every: int = field(default=0, metadata=_HOW)  # steps; 0 = only at the end
+    stop_after_steps: int | None = field(default=None, metadata=_HOW)  # stop (as if interrupted) after this many steps
+    progress: bool = field(default=True, metadata=_HOW)
+    # in-context-learning evaluation at the end (lrt_model.evaluation); {"evals": []} turns it off
+    icl: dict | None = field(default=None, metadata=_HOW)
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -445,7 +450,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     return metrics
 
 
-_RUN_INDEPENDENT = ("stop_after_steps", "progress", "checkpoint_every", "checkpoint_dir", "device", "compile", "icl")
+_RUN_INDEPENDENT = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("run_independent"))
 
 
 _RUN_INDEPENDENT_OPTIM = ("muon",)  # how Muon runs: its state loads into either implementation
@@ -495,14 +500,6 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{' '.join(message.split())} (see --help)")
 
 
-def _json_schedule(text: str):
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        raise argparse.ArgumentTypeError(f"{short_repr(text)} is not JSON; give e.g. "
-                                         "\"[[0.0, 2], [0.6, 4]]\"") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m lrt_model.train", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -515,20 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seq-len", type=int, default=256)
     m.add_argument("--value-embeds", choices=["none", "alternating", "all"], default="none")
     r = p.add_argument_group("recurrence (no --strategy: baseline)")
-    r.add_argument("--strategy", choices=["interleaved", "multi_refine", "sequential"], default=None)
-    r.add_argument("--passes", type=int, default=2, help="S for interleaved, K for multi_refine")
-    r.add_argument("--source-layer", type=int, default=-1)
-    r.add_argument("--injection", choices=["kv", "residual", "both"], default="both")
-    r.add_argument("--projection", choices=["shared", "layerwise"], default="shared")
-    r.add_argument("--no-gates", action="store_true")
-    r.add_argument("--gamma-init", type=float, default=0.1)
-    r.add_argument("--refresh-kv", action="store_true")
-    r.add_argument("--detach", action="store_true")
-    r.add_argument("--loss-weights", type=float, nargs="+", default=None)
-    r.add_argument("--passes-schedule", type=_json_schedule, default=None,
-                   help='JSON [[fraction, passes], ...], e.g. "[[0.0, 2], [0.6, 4], [0.9, 8]]"; --passes = the last value')
-    r.add_argument("--recompute-mlp", action="store_true",
-                   help="passes after pass 0 recompute their MLP activations in backward (less memory, ~5%% more compute)")
+    add_config_arguments(r, RecurrenceConfig, defaults={"strategy": None})  # flags derived from the dataclass
     t = p.add_argument_group("training")
     t.add_argument("--corpus", default="stdlib")
     t.add_argument("--tokenizer", default="byte")
@@ -590,12 +574,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return read_config(args.config)
     rec = None
     if args.strategy:
-        rec = RecurrenceConfig(
-            source_layer=args.source_layer, injection=args.injection, projection=args.projection,
-            gates=not args.no_gates, gamma_init=args.gamma_init, strategy=args.strategy, passes=args.passes,
-            refresh_kv=args.refresh_kv, detach=args.detach, loss_weights=args.loss_weights,
-            passes_schedule=args.passes_schedule, recompute_mlp=args.recompute_mlp,
-        )
+        rec = RecurrenceConfig(**config_arguments(args, RecurrenceConfig))
     model = ModelConfig(depth=args.depth, width=args.width, head_dim=args.head_dim, n_kv_head=args.n_kv_head,
                         seq_len=args.seq_len, value_embeds=args.value_embeds, recurrence=rec)
     optim = OptimConfig(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,

@@ -7,8 +7,10 @@ Design choices:
   that names the field path (`arms[1].passes`), the bad value and what is
   allowed. Unknown keys list the keys that are allowed at that place.
 - Arms are flat in YAML: `{name: lrt, strategy: interleaved, passes: 2}` or
-  `{name: base, baseline: true}`. Recurrence fields mirror `RecurrenceConfig`;
-  unset fields keep its defaults (the paper's settings).
+  `{name: base, baseline: true}`. The recurrence fields are derived from
+  `RecurrenceConfig` (`config_schema`: types, choices, bounds), the definition
+  the trainer's flags also come from; unset fields keep its defaults (the
+  paper's settings).
   An arm with `passes_schedule` and no `passes` takes the schedule's last
   value as `passes` (the S or K it ends with and evaluates with).
 - Budgets are FLOPs, tokens or tokens-per-parameter values, either one list
@@ -48,16 +50,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+import types
 import typing
 from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from lrt_model.config import (INJECTIONS, MAX_BATCH, MAX_BUDGET, MAX_DEPTH, MAX_HEAD_DIM, MAX_PASSES, MAX_SEED,
                                MAX_SEQ_LEN, MAX_VOCAB, MAX_WIDTH, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, ConfigError,
@@ -205,26 +210,42 @@ class PlacementSpec(_Strict):
     accelerator_type: AcceleratorType | None = None
 
 
-class ArmSpec(_Strict):
-    name: str
-    baseline: bool = False
-    source_layer: typing.Annotated[int, Field(ge=-MAX_DEPTH, lt=MAX_DEPTH)] | None = None
-    injection: Literal[INJECTIONS] | None = None  # type: ignore[valid-type]
-    projection: Literal[PROJECTIONS] | None = None  # type: ignore[valid-type]
-    gates: bool | None = None
-    gamma_init: float | None = None
-    strategy: Literal[STRATEGIES] | None = None  # type: ignore[valid-type]
-    passes: typing.Annotated[int, Field(gt=0, le=MAX_PASSES)] | None = None
-    refresh_kv: bool | None = None
-    detach: bool | None = None
-    loss_weights: list[typing.Annotated[float, Field(ge=0)]] | None = Field(None, max_length=MAX_PASSES + 1)
-    # [[fraction, passes], ...]; passes defaults to the last
-    passes_schedule: list[tuple[float, typing.Annotated[int, Field(gt=0, le=MAX_PASSES)]]] | None = \
-        Field(None, max_length=MAX_PASSES)
-    recompute_mlp: bool | None = None
-    resources: PlacementSpec | None = None  # where this arm's trials run: {pool: ..., accelerator_type: ...}
+def config_schema(cls) -> dict[str, tuple]:
+    """pydantic field definitions for the fields of a config dataclass, each optional (None keeps the
+    dataclass default): its type, its `choices` as a Literal and the bounds its `config_field` metadata
+    gives, so a spec's fields are derived from the one definition the trainer's flags also come from."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        m, tp = f.metadata, hints[f.name]
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:  # X | None -> X
+            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        if "choices" in m:
+            tp = Literal[tuple(m["choices"])]
+        bounds = {k: m[k] for k in ("ge", "gt", "le", "lt") if k in m}
+        if bounds:
+            tp = typing.Annotated[tp, Field(**bounds)]
+        if "items" in m:
+            tp = _bounded_items(tp, m["items"])
+        out[f.name] = (typing.Optional[tp], Field(None, **({"max_length": m["max_length"]} if "max_length" in m
+                                                         else {})))
+    return out
 
-    @field_validator("name")
+
+def _bounded_items(tp, bounds: dict):
+    """list[float] -> each float bounded; list[tuple[float, int]] -> each tuple's int bounded."""
+    (item,) = typing.get_args(tp)
+    if typing.get_origin(item) is tuple:
+        members = tuple(typing.Annotated[a, Field(**bounds)] if a is int else a for a in typing.get_args(item))
+        return list[tuple[members]]
+    return list[typing.Annotated[item, Field(**bounds)]]
+
+
+class _Arm(_Strict):
+    """An arm's name, whether it is the baseline, and its validators; `ArmSpec` adds the recurrence
+    fields, derived from `RecurrenceConfig`, and the arm's own `resources`."""
+
+    @field_validator("name", check_fields=False)
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "arm")
@@ -244,6 +265,12 @@ class ArmSpec(_Strict):
         if self.passes_schedule and self.passes is None:  # written once: the schedule's last value is `passes`
             fields["passes"] = self.passes_schedule[-1][1]
         return RecurrenceConfig(**fields)
+
+
+ArmSpec = create_model(
+    "ArmSpec", __base__=_Arm, name=(str, ...), baseline=(bool, False), **config_schema(RecurrenceConfig),
+    resources=(typing.Optional[PlacementSpec], None),  # where this arm's trials run: {pool: ..., accelerator_type: ...}
+)
 
 
 BudgetValues = dict[int, list[float]]  # depth -> values; key 0 = "every depth"

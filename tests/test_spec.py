@@ -304,3 +304,36 @@ def test_every_searchable_field_accepts_its_default():
         assert _value_error(key, _field_default(key)) is None, key
     assert _value_error("recurrence.passes", 0) and _value_error("optim.lr_scale", -1.0)
     assert _value_error("recurrence.strategy", 2) and _value_error("model.softcap", 10**400)
+
+
+def test_recurrence_fields_are_defined_once_and_the_cli_and_spec_derive_from_them(capsys):
+    """Adding a field to the recurrence dataclass is the only edit a new setting needs: the trainer's flags
+    and the spec's arm fields both come from the dataclass (type, choices, bounds, default)."""
+    import argparse
+    import dataclasses
+
+    from pydantic import ValidationError, create_model
+
+    from lrt_model.config import RecurrenceConfig, add_config_arguments, config_arguments, config_field
+    from lrt_model.train import build_parser
+    from lrt_platform.spec import RECURRENCE_FIELDS, ArmSpec, config_schema
+
+    flags = {a.dest for a in build_parser()._actions}
+    assert set(RECURRENCE_FIELDS) <= flags and set(RECURRENCE_FIELDS) <= set(ArmSpec.model_fields)
+
+    extended = dataclasses.make_dataclass("Extended", [
+        ("memory_slots", int, config_field(4, "memory slots per layer", ge=1, le=64)),
+        ("mode", str, config_field("a", "how", choices=("a", "b")))], bases=(RecurrenceConfig,))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, extended)
+    got = config_arguments(parser.parse_args(["--memory-slots", "8", "--mode", "b", "--passes", "3"]), extended)
+    assert (got["memory_slots"], got["mode"], got["passes"]) == (8, "b", 3)
+    assert config_arguments(parser.parse_args([]), extended)["memory_slots"] == 4  # the dataclass default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    assert "invalid choice: 'c'" in capsys.readouterr().err
+    arm = create_model("Arm", **config_schema(extended))
+    assert arm(memory_slots=8, mode="b").memory_slots == 8 and arm().memory_slots is None  # unset: default
+    for bad in ({"memory_slots": 0}, {"memory_slots": 65}, {"mode": "c"}, {"passes": 0}):
+        with pytest.raises(ValidationError):
+            arm(**bad)
