@@ -120,8 +120,9 @@ class BufferKV:
     (out of place, so autograd keeps every version it needs) and the queries
     attend over the whole buffer under a position-aware causal mask."""
 
-    def __init__(self, k: list, v: list, pattern: tuple[int, int] | None = None):
+    def __init__(self, k: list, v: list, pattern: tuple[int, int] | None = None, flex: bool | None = None):
         self.k, self.v = list(k), list(v)
+        self.flex = flex  # FlexAttention's block mask on CUDA; None: USE_FLEX (LRT_FLEX)
         self.pattern = pattern  # (offset, stride) when the query positions are offset::stride
         self.mask = None
         self.max_positions = self.k[0].shape[2]
@@ -131,7 +132,8 @@ class BufferKV:
         self.v[layer] = self.v[layer].index_copy(2, q_pos, v)
         if self.mask is None:  # one mask per pass, shared by all layers
             T = self.k[layer].shape[2]
-            if k.is_cuda and USE_FLEX and create_block_mask is not None and self.pattern is not None:
+            flex = USE_FLEX if self.flex is None else self.flex
+            if k.is_cuda and flex and create_block_mask is not None and self.pattern is not None:
                 self.mask = subset_block_mask(*self.pattern, k.shape[2], T, k.device)
             else:
                 self.mask = torch.arange(T, device=q_pos.device)[None, :] <= q_pos[:, None]
@@ -330,6 +332,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # how it runs, not what it computes (TrainConfig.flex_attention / eval_decode set them; None: the
+        # environment's LRT_FLEX / LRT_EVAL_DECODE, else FlexAttention on and the "auto" decode step)
+        self.flex_attention: bool | None = None
+        self.eval_decode: str | None = None
         d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))

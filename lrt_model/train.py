@@ -46,7 +46,8 @@ from .config import (FRACTION_FIELDS, LR_FIELDS, MAX_BATCH, MAX_BUDGET, MAX_SEED
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
 from .evaluation import VIEWS, check_inputs, evaluate_bpb, evaluate_icl, icl_config
 from .flops import mean_flops_per_token, peak_flops, run_flops_per_token, training_flops
-from .model import GPT
+from .decode import DECODE_MODES, EVAL_DECODE
+from .model import GPT, USE_FLEX
 from .optim import OptimConfig, build_optimizers, set_schedule
 from .recurrence import training_loss
 from .tokenizer import get_tokenizer
@@ -78,6 +79,12 @@ class TrainConfig:
     checkpoint_every: int = field(default=0, metadata=_HOW)  # steps; 0 = only at the end
     stop_after_steps: int | None = field(default=None, metadata=_HOW)  # stop (as if interrupted) after this many steps
     progress: bool = field(default=True, metadata=_HOW)
+    # FlexAttention's block masks for the interleaved passes on CUDA (False: dense masks); None: on, unless
+    # LRT_FLEX=0. The environment variable, when set, overrides the config (a note says so).
+    flex_attention: bool | None = field(default=None, metadata=_HOW)
+    # the decode step of the sequential-view evaluations: auto (a CUDA graph on CUDA) | eager | static |
+    # cuda_graph; None: LRT_EVAL_DECODE, else auto. The environment variable, when set, overrides the config.
+    eval_decode: str | None = field(default=None, metadata=_HOW)
     # in-context-learning evaluation at the end (lrt_model.evaluation); {"evals": []} turns it off
     icl: dict | None = field(default=None, metadata=_HOW)
 
@@ -131,6 +138,11 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype={short_repr(self.dtype)} is not allowed; choose one of auto, float32, bfloat16")
         check_bool("compile", self.compile)
+        if self.flex_attention is not None:
+            check_bool("flex_attention", self.flex_attention)
+        if self.eval_decode is not None and self.eval_decode not in DECODE_MODES:
+            raise ConfigError(f"eval_decode={short_repr(self.eval_decode)} is not known; choose one of "
+                              f"{', '.join(DECODE_MODES)} (or leave it unset)")
         check_bool("progress", self.progress)
         if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
             raise ConfigError(f"checkpoint_dir={short_repr(self.checkpoint_dir)} must be a path (a string) or null")
@@ -287,6 +299,22 @@ class TrainState:
         self.train_seconds, self.train_loss = saved["train_seconds"], saved["train_loss"]
 
 
+def run_switches(cfg: TrainConfig) -> tuple[bool | None, str | None]:
+    """(flex_attention, eval_decode) for the model: the config's, unless LRT_FLEX / LRT_EVAL_DECODE is set
+    in the environment, which overrides it (one note on stderr when they disagree)."""
+    flex, decode = cfg.flex_attention, cfg.eval_decode
+    env_flex, env_decode = os.environ.get("LRT_FLEX"), os.environ.get("LRT_EVAL_DECODE")
+    if env_flex:
+        if flex is not None and flex != (env_flex != "0"):
+            print(f"note: LRT_FLEX={env_flex} overrides flex_attention={flex}", file=sys.stderr)
+        flex = env_flex != "0"
+    if env_decode:
+        if decode is not None and decode != env_decode:
+            print(f"note: LRT_EVAL_DECODE={env_decode} overrides eval_decode={decode}", file=sys.stderr)
+        decode = env_decode
+    return flex, decode
+
+
 def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
     """Train one model; returns the final metrics (also passed to the callback
     as {"event": "done", ...}). Events: "eval", "checkpoint", "done", and
@@ -309,6 +337,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
+    model.flex_attention, model.eval_decode = run_switches(cfg)
     n_params = model.num_params()
     micro_tokens = cfg.batch_size * T
     total_batch = cfg.total_batch_tokens or micro_tokens * world
@@ -441,6 +470,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         "train_loss": state.train_loss,
         "tokens_per_s": _tok_s(),
         "wall_s": time.time() - t_start,
+        "flex_attention": USE_FLEX if model.flex_attention is None else model.flex_attention,
+        "eval_decode": model.eval_decode or EVAL_DECODE,
         **final,
         **icl,
         **({"notes": "\n".join(notes)} if notes else {}),
@@ -535,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     t.add_argument("--compile", action="store_true")
+    t.add_argument("--no-flex-attention", dest="flex_attention", action="store_const", const=False, default=None,
+                   help="dense masks instead of FlexAttention's block masks on CUDA (default: on, or $LRT_FLEX)")
+    t.add_argument("--eval-decode", choices=DECODE_MODES, default=None,
+                   help="decode step of the sequential-view evaluations (default: $LRT_EVAL_DECODE, else auto)")
     t.add_argument("--checkpoint-dir", default=None)
     t.add_argument("--checkpoint-every", type=int, default=0)
     t.add_argument("--stop-after-steps", type=int, default=None)
@@ -595,6 +630,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         icl=icl or None, model=model, optim=optim, corpus=args.corpus, tokenizer=args.tokenizer, batch_size=args.batch_size,
         total_batch_tokens=args.total_batch_tokens, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
         seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
+        flex_attention=args.flex_attention, eval_decode=args.eval_decode,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         stop_after_steps=args.stop_after_steps, progress=not args.quiet, **budget,
     ).validate()

@@ -235,6 +235,7 @@ def train_config(spec: Spec, root: str, trial_id: str, model: ModelConfig, optim
         seed=seed, device="cuda" if spec.resources.gpus_per_worker > 0 else "cpu",
         checkpoint_dir=storage.checkpoint_dir(root, trial_id),
         checkpoint_every=spec.failure.checkpoint_every or eval_every, progress=False,
+        flex_attention=spec.resources.flex_attention, eval_decode=spec.resources.eval_decode,
     )
     return cfg.to_dict()
 

@@ -67,6 +67,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from lrt_model.config import (INJECTIONS, MAX_BATCH, MAX_BUDGET, MAX_DEPTH, MAX_HEAD_DIM, MAX_PASSES, MAX_SEED,
                                MAX_SEQ_LEN, MAX_VOCAB, MAX_WIDTH, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, ConfigError,
                                ModelConfig, RecurrenceConfig, check_icl, check_number, short_repr)
+from lrt_model.decode import DECODE_MODES
 from lrt_model.evaluation import VIEWS, headline_view
 from lrt_model.optim import OptimConfig
 
@@ -82,7 +83,8 @@ RECURRENCE_FIELDS = tuple(RecurrenceConfig.__dataclass_fields__)
 FINAL_WEIGHT = "recurrence.final_weight"
 MODEL_SEARCH_FIELDS = ("width", "head_dim", "n_kv_head", "value_embeds", "softcap", "rope_base")
 # fields that say where or how a sweep runs, not what it computes: not part of the hash
-UNHASHED = {"tracking": True, "storage": True, "resources": {"max_concurrent_trials", "pool", "accelerator_type"},
+UNHASHED = {"tracking": True, "storage": True,
+            "resources": {"max_concurrent_trials", "pool", "accelerator_type", "flex_attention", "eval_decode"},
             "failure": {"max_failures"}, "optim": {"muon"}, "arms": {"__all__": {"resources"}}}
 STORAGE_ENV = "LRT_STORAGE"  # the sweep storage of a spec that names none (a cluster's nodes set it)
 DEFAULT_STORAGE = "./runs"
@@ -522,6 +524,10 @@ class ResourcesSpec(_Strict):
     max_concurrent_trials: typing.Annotated[int, Field(gt=0, le=MAX_TRIALS)] | None = None  # default: as many as fit
     pool: PoolName | None = None  # run every trial on the nodes with Ray resource pool-<pool>; default any node
     accelerator_type: AcceleratorType | None = None  # ... with Ray's accelerator_type:<type> (e.g. H100)
+    # how trials run, not what they compute (the trainer's flex_attention / eval_decode; unset: the
+    # environment's LRT_FLEX / LRT_EVAL_DECODE, else FlexAttention on and the "auto" decode step)
+    flex_attention: bool | None = None
+    eval_decode: Literal[DECODE_MODES] | None = None  # type: ignore[valid-type]
 
 
 class FailureSpec(_Strict):

@@ -337,3 +337,12 @@ def test_recurrence_fields_are_defined_once_and_the_cli_and_spec_derive_from_the
     for bad in ({"memory_slots": 0}, {"memory_slots": 65}, {"mode": "c"}, {"passes": 0}):
         with pytest.raises(ValidationError):
             arm(**bad)
+
+
+def test_run_time_switches_are_spec_fields_that_leave_the_hash_alone():
+    from lrt_platform.planner import plan
+
+    spec = parse_spec(BASE + "resources: {flex_attention: false, eval_decode: eager}\n")
+    assert spec_hash(spec) == spec_hash(parse_spec(BASE))  # how trials run, not what they compute
+    assert {(t.config["flex_attention"], t.config["eval_decode"]) for t in plan(spec)} == {(False, "eager")}
+    assert "eval_decode" in _error(BASE + "resources: {eval_decode: graphs}\n")

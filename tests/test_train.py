@@ -302,3 +302,33 @@ def test_cli_wrong_core_dir_is_one_line_before_training(tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith(f"error: icl.core_dir={str(tmp_path / 'nowhere')!r}: no such folder")
+
+
+def test_flex_attention_and_eval_decode_are_config_fields_the_environment_overrides(monkeypatch, capsys):
+    from lrt_model import recurrence
+    from lrt_model.train import build_parser, config_from_args, run_switches
+
+    monkeypatch.delenv("LRT_FLEX", raising=False)
+    monkeypatch.delenv("LRT_EVAL_DECODE", raising=False)
+    assert run_switches(tiny()) == (None, None)  # unset: the module defaults (FlexAttention on, "auto")
+    cfg = tiny(flex_attention=False, eval_decode="eager").validate()
+    assert run_switches(cfg) == (False, "eager") and capsys.readouterr().err == ""
+    monkeypatch.setenv("LRT_FLEX", "1")
+    monkeypatch.setenv("LRT_EVAL_DECODE", "static")
+    assert run_switches(cfg) == (True, "static")
+    err = capsys.readouterr().err
+    assert "LRT_FLEX=1 overrides flex_attention=False" in err and "LRT_EVAL_DECODE=static overrides" in err
+    with pytest.raises(ConfigError, match="eval_decode='graphs' is not known"):
+        tiny(eval_decode="graphs").validate()
+    args = build_parser().parse_args(["--no-flex-attention", "--eval-decode", "eager", "--tokens", "64"])
+    got = config_from_args(args)
+    assert (got.flex_attention, got.eval_decode) == (False, "eager")
+
+    # the run uses them, and reports what it used: the sequential views step in the configured mode
+    monkeypatch.delenv("LRT_FLEX")
+    monkeypatch.delenv("LRT_EVAL_DECODE")
+    modes = []
+    real = recurrence.decode_step
+    monkeypatch.setattr(recurrence, "decode_step", lambda m, b, t, mode: (modes.append(mode), real(m, b, t, mode))[1])
+    m = train(tiny(RecurrenceConfig(strategy="interleaved", passes=2), eval_decode="static", tokens=2 * 4 * 32))
+    assert (m["eval_decode"], m["flex_attention"]) == ("static", True) and modes and set(modes) == {"static"}

@@ -119,7 +119,7 @@ class ModelStepper:
         self.model = model
 
     def reset(self, batch: int, max_len: int, device) -> None:
-        self.decode = decode_step(self.model, batch, max_len, decode_mod.EVAL_DECODE)
+        self.decode = decode_step(self.model, batch, max_len, self.model.eval_decode or decode_mod.EVAL_DECODE)
         self.memory = None
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
