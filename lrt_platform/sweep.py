@@ -59,7 +59,7 @@ from . import storage
 from .planner import (PlanError, Trial, apply_tuning, check_search_budget, dry_run, format_plan, format_tuning, plan,
                       regime_warnings, spot_warnings, tuning_templates)
 from .spec import Spec, SpecError, load_spec, spec_hash
-from .tracking import Tracker, TrackingError
+from .tracking import UI_LAYOUT, Tracker, TrackingError
 
 SWEEP_PENDING = "sweep_tracking.json"  # the sweep run's end, kept while trial records wait for MLflow
 # A local Ray serves this machine only: loopback as its node address (what Ray does on macOS and Windows)
@@ -489,7 +489,8 @@ def _print_ui_hint(uri: str, tracker) -> None:
         return
     if exp_id is None:
         return
-    print(f"MLflow: mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
+    print(f"MLflow: mlflow ui --backend-store-uri {uri}  then open "
+          f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs{UI_LAYOUT}")
 
 
 if __name__ == "__main__":

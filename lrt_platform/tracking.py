@@ -93,8 +93,10 @@ KIND_TAG = "run_kind"  # "sweep" or "trial"
 TRIAL_TAGS = ("trial_id", "arm", "budget_id", "pair_id", "seed", "matching", "strategy", "depth", "trial_number")
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
-# A training experiment, not MLflow 3's GenAI layout (its UI reads this tag to pick the experiment's pages).
+# A training experiment, not a GenAI one. MLflow 3.17's UI picks its layout from a browser setting that
+# defaults to GenAI, whatever this tag says: the links we print add UI_LAYOUT, which selects model training.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+UI_LAYOUT = "?workflowType=machine_learning"
 
 # MLflow's limits (mlflow.utils.validation); hard-coded so a limit change shows up as a test failure.
 MAX_METRICS_PER_BATCH = 1000
@@ -396,7 +398,7 @@ class Tracker:
         """The runs table of this experiment (the UI opens experiments on another page)."""
         if not self.tracking_uri.startswith("http") or self._experiment_id is None:
             return None
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs"
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self._experiment_id}/runs{UI_LAYOUT}"
 
     # -- experiment ---------------------------------------------------------
 

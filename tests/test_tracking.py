@@ -120,7 +120,7 @@ def test_sweep_nesting_tags_and_histories(mlflow_server):
             assert r.data.params["model.recurrence.passes"] == "2"
             assert len(client.get_metric_history(run_id, "val_bpb_sequential")) >= 3
             assert r.data.metrics["interleave_gap"] == 0.01
-    assert tr.ui_url() == f"{mlflow_server}/#/experiments/{tr.experiment_id()}/runs"
+    assert tr.ui_url() == f"{mlflow_server}/#/experiments/{tr.experiment_id()}/runs?workflowType=machine_learning"
 
 
 # ---------------------------------------------------------------------------
