@@ -252,6 +252,10 @@ def delta_figure(report: dict) -> Figure:
 
 
 def plot_search_history(report: dict, out_dir: str) -> str:
+    return _save(search_history_figure(report), out_dir, "search_history.png")
+
+
+def search_history_figure(report: dict) -> Figure:
     fig, ax = _figure()
     hist = report["search"]["history"]
     ok = [h for h in hist if h["val_bpb"] is not None]
@@ -269,10 +273,14 @@ def plot_search_history(report: dict, out_dir: str) -> str:
     else:
         _no_data(ax, "no finished search trials")
     ax.set_title("optimisation history", fontsize=9)
-    return _save(fig, out_dir, "search_history.png")
+    return fig
 
 
 def plot_importance(report: dict, out_dir: str) -> str:
+    return _save(importance_figure(report), out_dir, "search_importance.png")
+
+
+def importance_figure(report: dict) -> Figure:
     s = report["search"]
     items = sorted(s["importance"].items(), key=lambda kv: kv[1])
     fig, ax = _figure(7.0, max(2.5, 0.35 * len(items) + 1.5))
@@ -282,4 +290,4 @@ def plot_importance(report: dict, out_dir: str) -> str:
     else:
         _no_data(ax, s["importance_method"])
     ax.set_title(f"parameter importance: {s['importance_method'].split(';')[0]}", fontsize=8)
-    return _save(fig, out_dir, "search_importance.png")
+    return fig

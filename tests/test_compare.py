@@ -284,6 +284,10 @@ def test_search_sweep_history_importance_and_plots(mlflow_server, tmp_path):
     assert report["unmatched"] == [] and "nothing to pair" in report["notes"][0]
     paths = make_plots(report, str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in paths][-2:] == ["search_history.png", "search_importance.png"]
+    from lrt_platform.plots import importance_figure, paired_figure, search_history_figure
+
+    for fig in (search_history_figure(report), importance_figure(report), paired_figure(report)):
+        assert _overlaps(_tick_texts(fig)) == []  # every plot of a search sweep is readable too
     for p in paths:
         _png_size(p)
 
@@ -522,6 +526,8 @@ def _tick_texts(fig) -> list:
 
 
 def _overlaps(texts) -> list[tuple[str, str]]:
+    if not texts:
+        return []
     r = texts[0][1].figure.canvas.get_renderer()
     boxes = [(t.get_text(), t.get_window_extent(r)) for _, t in texts]
     return [(a, b) for (a, ba), (b, bb) in itertools.combinations(boxes, 2) if ba.overlaps(bb)]
