@@ -322,6 +322,22 @@ def pools_of(nodes: list[dict]) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
+def pool_capacity(total: dict, available: dict) -> dict[str, dict]:
+    """Pool name -> {"free", "total"} units (GPUs; 1 per CPU worker) from `ray.cluster_resources()` and
+    `ray.available_resources()`: what a dry run against a cluster shows before anything is launched."""
+    return {k[len(POOL_PREFIX):]: {"free": float(available.get(k, 0.0)), "total": float(v)}
+            for k, v in sorted(total.items()) if k.startswith(POOL_PREFIX)}
+
+
+def format_pool_capacity(capacity: dict[str, dict] | None) -> str:
+    if capacity is None:
+        return "pools: give --address to see the connected cluster's free capacity per pool"
+    if not capacity:
+        return "pools: the connected cluster has none (no node with a pool-<name> resource)"
+    return "pools (free / total units): " + ", ".join(f"{p} {c['free']:g} / {c['total']:g}"
+                                                      for p, c in capacity.items())
+
+
 def eligible(request: dict, nodes: list[dict]) -> list[dict]:
     """The live nodes (their resources) that carry every custom resource of a worker request."""
     custom = [k for k in request if k not in ("CPU", "GPU")]

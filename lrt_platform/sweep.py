@@ -56,7 +56,8 @@ from lrt_model.config import ConfigError
 from lrt_model.data import DataError
 
 from . import storage
-from .planner import (PlanError, Trial, apply_tuning, check_search_budget, dry_run, format_plan, format_tuning, plan,
+from .planner import (PlanError, Trial, apply_tuning, check_pools, check_search_budget, dry_run, format_plan,
+                      format_pool_capacity, format_tuning, plan, pool_capacity,
                       regime_warnings, spot_warnings, tuning_templates)
 from .spec import Spec, SpecError, load_spec, spec_hash
 from .tracking import UI_LAYOUT, Tracker, TrackingError
@@ -229,6 +230,7 @@ def sync_tracking(spec: Spec, root: str, spec_path: str) -> int:
 
 def _print_dry_run(spec: Spec, root: str, args) -> int:
     data = dry_run(spec, probe=not args.no_probe, root=root)
+    data["pools"] = _pool_capacity(spec, args.address)
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
@@ -244,7 +246,21 @@ def _print_dry_run(spec: Spec, root: str, args) -> int:
         if data["summary"]["est_wall_s"] is not None:
             note += f"; est. total {data['summary']['est_wall_s']:.0f}s"
     print(format_plan([Trial(**t) for t in data["trials"]], spec, note))
+    if any(t.get("pool") for t in data["trials"]) or data["pools"]:
+        print(format_pool_capacity(data["pools"]))
     return 0
+
+
+def _pool_capacity(spec: Spec, address: str | None) -> dict | None:
+    """With --address, the cluster's free capacity per pool (a pool it lacks is refused here, as at launch);
+    without, None: a dry run starts no Ray of its own."""
+    if address is None:
+        return None
+    _connect(address)
+    import ray
+
+    check_pools(spec, ray.nodes())
+    return pool_capacity(ray.cluster_resources(), ray.available_resources())
 
 
 def _check_existing(spec: Spec, root: str, phases: list[str], args) -> None:

@@ -466,6 +466,30 @@ def test_dry_run_shows_the_pool_column_only_when_pinned(tmp_path, capsys):
     assert "any (H100)" in capsys.readouterr().out
 
 
+def test_dry_run_against_a_cluster_shows_free_capacity_per_pool(tmp_path, capsys, monkeypatch):
+    import ray
+
+    path = tmp_path / "pinned.yaml"
+    path.write_text(BIG + GPU.replace(", accelerator_type: H100", ""))
+    assert sweep.main([str(path), "--dry-run", "--no-probe"]) == 0  # no --address: no Ray started, and it says so
+    assert capsys.readouterr().out.splitlines()[-1] == ("pools: give --address to see the connected cluster's free "
+                                                        "capacity per pool")
+    total, nodes = _cluster(HEAD, H100, H100, SPOT)
+    busy = {**total, "pool-h100": 10.0, "pool-h100-spot": 0.0}  # 6 of the 16 h100 units and the spot node in use
+    monkeypatch.setattr(sweep, "_connect", lambda address: None)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: total)
+    monkeypatch.setattr(ray, "available_resources", lambda: busy)
+    assert sweep.main([str(path), "--dry-run", "--no-probe", "--address", "auto"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "pools (free / total units): h100 10 / 16, h100-spot 0 / 8"
+    assert sweep.main([str(path), "--dry-run", "--no-probe", "--address", "auto", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pools"] == {"h100": {"free": 10.0, "total": 16.0},
+                                                            "h100-spot": {"free": 0.0, "total": 8.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: _cluster(HEAD, H100)[1])  # the spot pool is gone: refused, one line
+    assert sweep.main([str(path), "--dry-run", "--no-probe", "--address", "auto"]) == 2
+    assert "pool-h100-spot" in capsys.readouterr().err
+
+
 def test_spot_pools_warn_without_checkpoint_every(tmp_path, capsys):
     spec = _spec(BIG + GPU)
     trials = plan(spec, root="/tmp/x")
