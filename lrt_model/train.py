@@ -586,21 +586,24 @@ MAX_CONFIG_BYTES = 1 << 20
 
 def read_config(path: str) -> TrainConfig:
     """A TrainConfig from a JSON file (`--config`), validated; every problem is one ConfigError naming the file."""
+    shown = short_repr(path) if not path.isprintable() else path  # a newline in the name stays on one line
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+        raise ConfigError(f"--config {shown}: cannot read it ({e.strerror})") from None
+    except ValueError:  # a NUL byte in the name
+        raise ConfigError(f"--config {shown}: not a valid file name (it holds a NUL byte)") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"--config {path}: more than {MAX_CONFIG_BYTES} bytes; a config is a small JSON file")
+        raise ConfigError(f"--config {shown}: more than {MAX_CONFIG_BYTES} bytes; a config is a small JSON file")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSON syntax, not UTF-8, nested too deeply
-        raise ConfigError(f"--config {path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+        raise ConfigError(f"--config {shown}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
     try:
         return TrainConfig.from_dict(data).validate()
     except ConfigError as e:
-        raise ConfigError(f"--config {path}: {e}") from None
+        raise ConfigError(f"--config {shown}: {e}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

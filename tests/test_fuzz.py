@@ -286,7 +286,7 @@ def dry_run(data, as_json: bool) -> None:
     if spec.search is not None:
         check_search_budget(spec)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert sweep._print_dry_run(spec, root, argparse.Namespace(json=as_json, no_probe=True)) == 0
+        assert sweep._print_dry_run(spec, root, argparse.Namespace(json=as_json, no_probe=True, address=None)) == 0
 
 
 def sweep_cli(path: str, extra: list[str]) -> tuple[int, str]:
@@ -497,3 +497,10 @@ def test_icl_rules_cover_every_setting():
 
     assert set(ICL_RULES) == set(DEFAULTS)
     assert check_icl(dict(DEFAULTS)) == icl_config(None)
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a\x00b"])
+def test_a_config_path_with_a_newline_or_nul_is_one_line(name):
+    """Found by the fuzzer: a newline in the name split the message, a NUL byte raised ValueError."""
+    rc, err = trainer_cli(["--config", name])
+    assert rc == 2 and err.startswith("error: --config ") and err.count("\n") == 1, err
