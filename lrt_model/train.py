@@ -534,7 +534,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m lrt_model.train", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="JSON file with a TrainConfig (flags given on the command line override it)")
+    p.add_argument("--config", help="JSON file with a whole TrainConfig; then only --json and --quiet may be given")
     m = p.add_argument_group("model")
     m.add_argument("--depth", type=int, default=4)
     m.add_argument("--width", type=int, default=None, help="default depth*64 rounded up to head_dim")
@@ -608,7 +608,14 @@ def read_config(path: str) -> TrainConfig:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The validated TrainConfig the command line asks for (ConfigError: one line naming the field)."""
-    if args.config:
+    if args.config:  # the file is the whole config: a flag beside it would be silently lost, so it is refused
+        parser = build_parser()
+        defaults, flags = vars(parser.parse_args([])), {a.dest: a.option_strings[0] for a in parser._actions}
+        extra = sorted(flags[k] for k, v in vars(args).items()
+                       if k not in ("config", "json", "quiet") and v != defaults[k])
+        if extra:
+            raise ConfigError(f"--config takes the whole TrainConfig from its file; drop the other flags "
+                              f"({', '.join(extra)}) or put them in the file")
         return read_config(args.config)
     rec = None
     if args.strategy:

@@ -332,3 +332,13 @@ def test_flex_attention_and_eval_decode_are_config_fields_the_environment_overri
     monkeypatch.setattr(recurrence, "decode_step", lambda m, b, t, mode: (modes.append(mode), real(m, b, t, mode))[1])
     m = train(tiny(RecurrenceConfig(strategy="interleaved", passes=2), eval_decode="static", tokens=2 * 4 * 32))
     assert (m["eval_decode"], m["flex_attention"]) == ("static", True) and modes and set(modes) == {"static"}
+
+
+def test_config_file_with_other_flags_is_refused_not_half_applied(tmp_path, capsys):
+    from lrt_model.train import main
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(tiny().to_dict()))
+    assert main(["--config", str(path), "--depth", "3", "--no-gates"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop the other flags (--depth, --no-gates)" in err
