@@ -675,6 +675,11 @@ class ProgressLog(tune.Callback):
             if self.bar.disable:  # not a terminal: plain lines (tqdm would print one per refresh)
                 self.bar = None
 
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks into the experiment state (--resume restores them): the bar holds the
+        terminal's file and does not pickle, so a restored ProgressLog prints plain lines."""
+        return {**self.__dict__, "bar": None}
+
     def _print(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)

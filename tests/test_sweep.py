@@ -639,3 +639,20 @@ def test_sweep_stored_on_s3_runs_and_resumes(ray_cluster, workdir, s3_bucket, ca
         assert storage.exists(storage.join(storage.checkpoint_dir(root, trial.trial_id), "latest.pt"))
     assert sweep.main(args + ["--resume"]) == 0  # everything already finished: nothing re-trains
     assert "[sweep] done" not in capsys.readouterr().out
+
+
+def test_progress_log_with_a_terminal_bar_pickles_for_the_experiment_state(monkeypatch, capsys):
+    """Tune saves its callbacks with the experiment state; a bar on a terminal must not break that."""
+    import io
+    import pickle
+
+    class Terminal(io.TextIOWrapper):  # like sys.stderr on a terminal: a text file, which does not pickle
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal(io.BytesIO()))
+    log = execution.ProgressLog(total=3)
+    assert log.bar is not None  # a terminal: the tqdm bar is on
+    restored = pickle.loads(pickle.dumps(log))
+    assert restored.bar is None and restored.total == 3  # plain lines after --resume
+    log.close()
