@@ -120,9 +120,9 @@ class BufferKV:
     (out of place, so autograd keeps every version it needs) and the queries
     attend over the whole buffer under a position-aware causal mask."""
 
-    def __init__(self, k: list, v: list, pattern: tuple[int, int] | None = None, flex: bool | None = None):
+    def __init__(self, k: list, v: list, pattern: tuple[int, int] | None = None, *, flex: bool):
         self.k, self.v = list(k), list(v)
-        self.flex = flex  # FlexAttention's block mask on CUDA; None: USE_FLEX (LRT_FLEX)
+        self.flex = flex  # FlexAttention's block mask on CUDA (the model's `uses_flex()`)
         self.pattern = pattern  # (offset, stride) when the query positions are offset::stride
         self.mask = None
         self.max_positions = self.k[0].shape[2]
@@ -132,8 +132,7 @@ class BufferKV:
         self.v[layer] = self.v[layer].index_copy(2, q_pos, v)
         if self.mask is None:  # one mask per pass, shared by all layers
             T = self.k[layer].shape[2]
-            flex = USE_FLEX if self.flex is None else self.flex
-            if k.is_cuda and flex and create_block_mask is not None and self.pattern is not None:
+            if k.is_cuda and self.flex and create_block_mask is not None and self.pattern is not None:
                 self.mask = subset_block_mask(*self.pattern, k.shape[2], T, k.device)
             else:
                 self.mask = torch.arange(T, device=q_pos.device)[None, :] <= q_pos[:, None]
@@ -486,6 +485,16 @@ class GPT(nn.Module):
         """Parameters that exist only because of the recurrence."""
         keys = ("mem_k", "mem_v", "mem_gate_k", "mem_gate_v", "gamma")
         return [n for n, _ in self.named_parameters() if any(part in keys for part in n.split("."))]
+
+    def uses_flex(self) -> bool:
+        """FlexAttention's block masks for the interleaved passes (on CUDA): `flex_attention`, else LRT_FLEX."""
+        return USE_FLEX if self.flex_attention is None else self.flex_attention
+
+    def decode_mode(self) -> str:
+        """The decode step of the sequential-view evaluations: `eval_decode`, else LRT_EVAL_DECODE or auto."""
+        from . import decode  # decode imports this module
+
+        return self.eval_decode or decode.EVAL_DECODE
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

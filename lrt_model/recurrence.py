@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decode as decode_mod
 from .decode import decode_step
 from .model import GPT, BufferKV, SelfKV, apply_rotary, rms_norm, shift_memory
 
@@ -109,7 +108,7 @@ def interleaved(model: GPT, idx: torch.Tensor, S: int, refresh: bool = False) ->
             # positions of residues >= i are still as pass 0 left them
             unvisited = torch.arange(T, device=idx.device) % S >= i
             keys, values = _refresh_kv(model, store, keys, values, memory, unvisited)
-        buf = BufferKV(keys, values, pattern=(i - 1, S), flex=model.flex_attention)
+        buf = BufferKV(keys, values, pattern=(i - 1, S), flex=model.uses_flex())
         step = model.run(idx[:, pos], pos, memory[:, pos], buf, model.rec.recompute_mlp)
         keys, values = buf.k, buf.v
         source = source.index_copy(1, pos, step.source)
@@ -156,12 +155,11 @@ def sequential_logits(model: GPT, idx: torch.Tensor, decode: str | None = None) 
 def sequential_hidden(model: GPT, idx: torch.Tensor, decode: str | None = None) -> torch.Tensor:
     """The exact recurrence's final hidden states (B, T, d). Without autograd (evaluation)
     each token runs through `generate`'s decode step, in mode `decode` (default
-    the model's `eval_decode`, else `decode.EVAL_DECODE`: a CUDA graph on CUDA, so T launch-bound steps become T replays).
+    the model's `decode_mode()`: a CUDA graph on CUDA, so T launch-bound steps become T replays).
     With autograd (the sequential strategy's training) the cache grows by concatenation,
     so every step stays in the graph of the loss."""
     B, T = idx.shape
-    mode = decode or model.eval_decode or decode_mod.EVAL_DECODE
-    step = decode_step(model, B, T, mode if not torch.is_grad_enabled() else "eager")
+    step = decode_step(model, B, T, (decode or model.decode_mode()) if not torch.is_grad_enabled() else "eager")
     memory, outs = None, []
     for t in range(T):
         hidden, memory = step(idx[:, t : t + 1], t, memory)

@@ -46,8 +46,8 @@ from .config import (FRACTION_FIELDS, LR_FIELDS, MAX_BATCH, MAX_BUDGET, MAX_SEED
 from .data import DataError, TokenLoader, resolve_corpus, validation_rows
 from .evaluation import VIEWS, check_inputs, evaluate_bpb, evaluate_icl, icl_config
 from .flops import mean_flops_per_token, peak_flops, run_flops_per_token, training_flops
-from .decode import DECODE_MODES, EVAL_DECODE
-from .model import GPT, USE_FLEX
+from .decode import DECODE_MODES
+from .model import GPT
 from .optim import OptimConfig, build_optimizers, set_schedule
 from .recurrence import training_loss
 from .tokenizer import get_tokenizer
@@ -470,8 +470,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> dict:
         "train_loss": state.train_loss,
         "tokens_per_s": _tok_s(),
         "wall_s": time.time() - t_start,
-        "flex_attention": USE_FLEX if model.flex_attention is None else model.flex_attention,
-        "eval_decode": model.eval_decode or EVAL_DECODE,
+        "flex_attention": model.uses_flex(),
+        "eval_decode": model.decode_mode(),
         **final,
         **icl,
         **({"notes": "\n".join(notes)} if notes else {}),

@@ -33,7 +33,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .. import decode as decode_mod
 from ..config import VIEWS, headline_view  # noqa: F401 - re-exported: the rule lives with the config (torch-free)
 from ..decode import decode_step, expand_step
 from ..model import GPT, KVCache
@@ -119,7 +118,7 @@ class ModelStepper:
         self.model = model
 
     def reset(self, batch: int, max_len: int, device) -> None:
-        self.decode = decode_step(self.model, batch, max_len, self.model.eval_decode or decode_mod.EVAL_DECODE)
+        self.decode = decode_step(self.model, batch, max_len, self.model.decode_mode())
         self.memory = None
 
     def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
