@@ -80,7 +80,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from lrt_model.config import headline_view
+from lrt_model.config import VIEWS, headline_view
 
 from .render import csv_text, html_table, markdown_table, si, text_table
 from .scaling import compute_multiplier, fit_power_law
@@ -425,7 +425,7 @@ def load_curves(tracker: Tracker, report: dict) -> dict:
     for t in report["trials"]:
         if t["problem"] is not None:
             continue
-        key = f"val_bpb_{t['view']}" if t["view"] in ("sequential", "full") else "val_bpb"
+        key = f"val_bpb_{t['view']}" if t["view"] in VIEWS else "val_bpb"  # as trial_record read it
         hist = {k: dict(tracker.metric_history(t["run_id"], k)) for k in (key, "tokens", "flops")}
         steps = sorted(set(hist[key]) & set(hist["tokens"]) & set(hist["flops"]))
         out[t["run_id"]] = {"step": steps, "val_bpb": [hist[key][s] for s in steps],
@@ -661,7 +661,7 @@ def param_importance(rows: list[tuple[dict, float]]) -> tuple[dict, str]:
     y = [v for _, v in rows]
     try:
         return _optuna_importance(varying, y), "optuna PED-ANOVA (as optuna-dashboard) on a study rebuilt from the runs"
-    except Exception as e:  # too few trials for the forest, odd distributions, optuna missing
+    except Exception as e:  # too few trials for the evaluator, odd distributions, optuna missing
         method = "correlation fallback (|rank corr| / correlation ratio, normalised)"
         return _correlation_importance(varying, y), f"{method}; optuna failed: {type(e).__name__}"
 

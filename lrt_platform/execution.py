@@ -665,7 +665,7 @@ class ProgressLog(tune.Callback):
     def __init__(self, total: int = 0, quiet: bool = False):
         self.total, self.quiet = total, quiet
         self.done, self.started, self.printed, self.t0 = 0, {}, {}, time.time()
-        self.notes: dict[str, str] = {}  # note -> the first trial that gave it
+        self.notes: dict[str, None] = {}  # every distinct note, in the order first seen
         self.bar = None
         if not quiet and total:
             from tqdm import tqdm
@@ -711,7 +711,7 @@ class ProgressLog(tune.Callback):
         tid = r.get("lrt_trial_id", trial.trial_id)
         bpb = f"val_bpb {r['val_bpb']:.4f}" if isinstance(r.get("val_bpb"), float) else "no eval"
         for line in str(r.get("notes") or "").splitlines():  # e.g. ICL evaluations the settings skip
-            self.notes.setdefault(line, tid)
+            self.notes.setdefault(line)
         if r.get("diverged"):
             print(f"[sweep] DIVERGED {tid} (not retried: it would diverge again): {r.get('diverged_reason')}",
                   flush=True)

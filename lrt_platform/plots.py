@@ -84,6 +84,17 @@ def _no_data(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+def _log_x_axes(ax, drawn: bool, xs, xlabel: str, ylabel: str, empty: str) -> None:
+    """A drawn plot's log x axis (`_log_x`), axis labels and legend; otherwise the `empty` note."""
+    if not drawn:
+        _no_data(ax, empty)
+        return
+    _log_x(ax, xs)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
 def make_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[str]:
     """Write the report's PNGs into out_dir (which ones: the module docstring); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -95,6 +106,10 @@ def make_plots(report: dict, out_dir: str, curves: dict | None = None) -> list[s
     if report.get("search"):
         paths += [plot_search_history(report, out_dir), plot_importance(report, out_dir)]
     return paths
+
+
+def _delta_label(report: dict) -> str:
+    return f"Δ bpb (LRT {report['views']['lrt']} - baseline {report['views']['baseline']})"
 
 
 def _budgets_with_means(report: dict) -> set:
@@ -127,7 +142,7 @@ def paired_figure(report: dict) -> Figure:
     ax.set_xticklabels([f"{c['arm']}\n{c['budget_id']}" for c in comps], fontsize=7)
     ax.set_xlim(-0.6, len(comps) - 0.1)
     ax.set_xlabel("LRT arm and budget")
-    ax.set_ylabel(f"Δ bpb (LRT {report['views']['lrt']} - baseline {report['views']['baseline']})")
+    ax.set_ylabel(_delta_label(report))
     ax.set_title("paired difference per seed (dots), mean and 95% CI (diamond)\nbelow 0: LRT better", fontsize=9)
     return fig
 
@@ -150,6 +165,10 @@ def run_curve_figure(trial: dict, curve: dict) -> Figure:
     return fig
 
 
+def plot_run_curve(trial: dict, curve: dict, out_dir: str) -> str:
+    return _save(run_curve_figure(trial, curve), out_dir, "loss_curve.png")
+
+
 def curves_figure(report: dict, curves: dict) -> Figure:
     """Val bpb in each run's headline view against training FLOPs (left) and tokens (right), one line per
     usable run, one colour per arm, so the arms' learning curves overlay at equal compute and equal data."""
@@ -169,13 +188,7 @@ def curves_figure(report: dict, curves: dict) -> Figure:
                     xs += [x for x, _ in pts]
                     ax.plot(*zip(*pts), "-", color=colors(i % 10), lw=1, alpha=0.8,
                             label=f"{arm} ({t['view']})" if j == 0 else None)
-        if xs:
-            _log_x(ax, xs)
-            ax.set_xlabel(label)
-            ax.set_ylabel("validation bpb (headline view)")
-            ax.legend(fontsize=7)
-        else:
-            _no_data(ax, "no eval histories")
+        _log_x_axes(ax, bool(xs), xs, label, "validation bpb (headline view)", "no eval histories")
     fig.suptitle(f"{report['experiment']}: validation bpb during training (one line per run)", fontsize=9)
     return fig
 
@@ -187,7 +200,7 @@ def plot_scaling(report: dict, out_dir: str) -> str:
 def scaling_figure(report: dict) -> Figure:
     fig, ax = _figure()
     colors = matplotlib.colormaps["tab10"]
-    drawn, xs = False, []
+    xs = []  # non-empty once an arm's means are drawn
     for i, (arm, s) in enumerate(sorted(report["scaling"].items())):
         color = colors(i % 10)
         seeds = [t for t in report["trials"] if t["arm"] == arm and t["problem"] is None and t["flops"]]
@@ -195,7 +208,6 @@ def scaling_figure(report: dict) -> Figure:
         pts = s["points"]
         if not pts:
             continue
-        drawn = True
         xs += [p["flops"] for p in pts] + [t["flops"] for t in seeds]
         view = next((t["view"] for t in seeds), "")
         ax.plot([p["flops"] for p in pts], [p["val_bpb"] for p in pts], "o", color=color, label=f"{arm} ({view})")
@@ -210,14 +222,9 @@ def scaling_figure(report: dict) -> Figure:
         ax.annotate(f"{m['value']:.2g}x" + ("*" if m.get("extrapolated") else ""),
                     (c["lrt"]["flops"], c["lrt"]["val_bpb"]["mean"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=7)
-    if drawn:
-        _log_x(ax, xs)
-        star = ", * extrapolated" if any(m.get("extrapolated") for _, m in mults) else ""
-        ax.set_xlabel("training FLOPs" + (f" (LRT labels: baseline compute multiplier{star})" if mults else ""))
-        ax.set_ylabel("validation bpb")
-        ax.legend(fontsize=7)
-    else:
-        _no_data(ax, "no finished trials with FLOPs")
+    star = ", * extrapolated" if any(m.get("extrapolated") for _, m in mults) else ""
+    xlabel = "training FLOPs" + (f" (LRT labels: baseline compute multiplier{star})" if mults else "")
+    _log_x_axes(ax, bool(xs), xs, xlabel, "validation bpb", "no finished trials with FLOPs")
     ax.set_title(f"{report['experiment']}: bpb vs compute (dots: seeds, markers: means)", fontsize=9)
     return fig
 
@@ -241,12 +248,7 @@ def delta_figure(report: dict) -> Figure:
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=colors(i % 10), label=arm)
     if arms:
         ax.axhline(0.0, color="grey", lw=0.8)
-        _log_x(ax, xs)
-        ax.set_xlabel("LRT tokens per parameter")
-        ax.set_ylabel("Δ bpb (LRT sequential - baseline full)")
-        ax.legend(fontsize=7)
-    else:
-        _no_data(ax, "no matched baseline/LRT pairs")
+    _log_x_axes(ax, bool(arms), xs, "LRT tokens per parameter", _delta_label(report), "no matched baseline/LRT pairs")
     ax.set_title("paired delta vs tokens per parameter (bars: 95% CI; none for n=1)", fontsize=9)
     return fig
 

@@ -116,7 +116,7 @@ def run(args) -> int:
     if spec.search is not None:
         check_search_budget(spec)  # a budget the searched configs cannot match fails here, not in a trial
     if args.dry_run:
-        return _print_dry_run(spec, root, args)
+        return _print_dry_run(spec, root, args, trials)
     if args.sync_tracking:
         return sync_tracking(spec, root, args.spec)
     tuning = [name for name, _ in tuning_templates(spec, trials)] if spec.tuning is not None else []
@@ -228,8 +228,8 @@ def sync_tracking(spec: Spec, root: str, spec_path: str) -> int:
     return 0
 
 
-def _print_dry_run(spec: Spec, root: str, args) -> int:
-    data = dry_run(spec, probe=not args.no_probe, root=root)
+def _print_dry_run(spec: Spec, root: str, args, trials: list[Trial] | None = None) -> int:
+    data = dry_run(spec, probe=not args.no_probe, root=root, trials=trials)
     data["pools"] = _pool_capacity(spec, args.address)
     if args.json:
         print(json.dumps(data, indent=1))
@@ -479,13 +479,13 @@ def _log_run_artifacts(report: dict, tracker, curves: dict) -> None:
     (checkpoint.json: the storage URI and step; the weights stay in the sweep's storage, not copied)."""
     import tempfile
 
-    from .plots import _save, run_curve_figure
+    from .plots import plot_run_curve
 
     for t in report["trials"]:
         if t["run_id"] not in curves:
             continue
         with tempfile.TemporaryDirectory(prefix="lrt-run-") as out:
-            _save(run_curve_figure(t, curves[t["run_id"]]), out, "loss_curve.png")
+            plot_run_curve(t, curves[t["run_id"]], out)
             if t.get("checkpoint"):
                 uri = storage.absolute(t["checkpoint"])
                 with open(os.path.join(out, "checkpoint.json"), "w") as f:

@@ -204,6 +204,13 @@ def _summary_part(name: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", str(name))[:100]
 
 
+def _unlogged(params: dict, logged: dict) -> tuple[dict, list[str]]:
+    """MLflow params are immutable: (the params not logged yet, the names already logged with another value)."""
+    new = {k: v for k, v in params.items() if k not in logged}
+    conflicts = sorted(k for k, v in params.items() if k in logged and logged[k] != _text(v, MAX_PARAM_VALUE))
+    return new, conflicts
+
+
 def _number(v: Any) -> float | None:
     if isinstance(v, bool):
         return float(v)
@@ -536,10 +543,9 @@ class Tracker:
         if "failure_reason" in old.tags:  # keep the history, but the run is no longer failed
             tags["previous_failure_reason"] = old.tags["failure_reason"]
             self.client.delete_tag(run_id, "failure_reason")
-        new = {k: v for k, v in params.items() if k not in old.params}
-        conflicts = [k for k, v in params.items() if k in old.params and old.params[k] != _text(v, MAX_PARAM_VALUE)]
+        new, conflicts = _unlogged(params, old.params)
         if conflicts:  # params are immutable in MLflow; say so instead of failing the trial
-            tags["param_conflicts"] = ",".join(sorted(conflicts))
+            tags["param_conflicts"] = ",".join(conflicts)
         self._send(run_id, params=new.items(), tags=tags.items())
         return run_id
 
@@ -595,9 +601,8 @@ class Tracker:
                 if _number(value) is not None:
                     metrics.append((f"{name}.{where}", _number(value), 0))
         old = self._retry("read sweep run", lambda: self.client.get_run(parent_run_id)).data.params
-        params = {k: v for k, v in verdicts.items() if k not in old}
+        params, conflicts = _unlogged(verdicts, old)
         tags = dict(verdicts)
-        conflicts = sorted(k for k, v in verdicts.items() if k in old and old[k] != v)
         if conflicts:
             tags["verdict_param_conflicts"] = ",".join(conflicts)
         self._log("log sweep summary", parent_run_id, metrics=metrics, params=params.items(), tags=tags.items())

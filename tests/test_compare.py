@@ -589,6 +589,26 @@ def test_paired_difference_plot_shows_each_seed_the_mean_its_ci_and_zero():
 # The sweep's final printout and the parent run's summary
 
 
+def reported_sweep(mlflow_server: str, name: str) -> tuple[Tracker, str]:
+    """A finished sweep (baseline and LRT at budget b0, seeds 0 and 1) reported as a sweep ends
+    (`sweep._report`: the table, and verdicts, metrics, renders and plots on the parent run).
+    Returns the tracker and the parent run id."""
+    import time
+    from types import SimpleNamespace
+
+    from lrt_platform import sweep
+
+    tr = Tracker(mlflow_server, _exp(name))
+    parent = tr.start_sweep(f"{name}.yaml", f"experiment: {name}\n", f"hash-{name}", [])
+    for seed in (0, 1):
+        for arm in ("baseline", "lrt"):
+            log_trial(tr, parent, arm, "b0", seed)
+    tr.end_sweep(parent)
+    sweep._report(SimpleNamespace(experiment_name=tr.experiment), mlflow_server, tr, parent, [],
+                  {"start": time.time()}, 0)
+    return tr, parent
+
+
 def test_sweep_report_prints_verdicts_and_logs_them_to_the_parent_run(mlflow_server, capsys, tmp_path):
     import time
     from types import SimpleNamespace
@@ -596,14 +616,8 @@ def test_sweep_report_prints_verdicts_and_logs_them_to_the_parent_run(mlflow_ser
     from lrt_platform import sweep
     from lrt_platform.tracking import TrackingError
 
-    tr = Tracker(mlflow_server, _exp("summary"))
-    parent = tr.start_sweep("summary.yaml", "experiment: summary\n", "hash-summary", [])
-    for seed in (0, 1):
-        for arm in ("baseline", "lrt"):
-            log_trial(tr, parent, arm, "b0", seed)
-    tr.end_sweep(parent)
+    tr, parent = reported_sweep(mlflow_server, "summary")
     spec = SimpleNamespace(experiment_name=tr.experiment)
-    sweep._report(spec, mlflow_server, tr, parent, [], {"start": time.time()}, 0)
     out = capsys.readouterr()
     assert "seeds for 2%" in out.out and "lrt_better" in out.out and "warning" not in out.err
     run = MlflowClient(mlflow_server).get_run(parent)

@@ -28,6 +28,7 @@ import pytest
 
 from lrt_platform import execution, sweep
 from lrt_platform.spec import load_spec, spec_hash
+from tests.fixtures_mlflow import _free_port
 from tests.test_sweep import _variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,9 +136,7 @@ def test_serve_builds_the_server_command_and_refuses_bad_settings(capsys):
 
 
 def test_serve_names_an_unreachable_database_in_one_line(capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    port = _free_port()  # closed again: nothing listens there
     assert serve.main(["--backend-store-uri", f"postgresql://mlflow@127.0.0.1:{port}/mlflow",
                        "--artifacts-destination", "s3://b/p"]) == 2
     err = capsys.readouterr().err.strip()

@@ -17,15 +17,13 @@ import shutil
 import statistics
 import subprocess
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from lrt_platform import sweep
-from lrt_platform.tracking import UI_LAYOUT, Tracker
-from tests.test_compare import _exp, bpb, log_trial
+from lrt_platform.tracking import UI_LAYOUT
+from tests.test_compare import bpb, reported_sweep
 
 WINDOW = (1600, 1000)  # width, height
 BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -65,14 +63,7 @@ def _text(dom: str) -> str:
 def test_mlflow_ui_shows_the_sweep_comparison(mlflow_server, tmp_path, capsys):
     browser = BROWSER
     start = time.time()
-    tr = Tracker(mlflow_server, _exp("ui"))
-    parent = tr.start_sweep("ui.yaml", "experiment: ui\n", "hash-ui", [])
-    for seed in (0, 1):
-        for arm in ("baseline", "lrt"):
-            log_trial(tr, parent, arm, "b0", seed)
-    tr.end_sweep(parent)
-    sweep._report(SimpleNamespace(experiment_name=tr.experiment), mlflow_server, tr, parent, [],
-                  {"start": time.time()}, 0)  # as a sweep ends: verdicts, metrics, renders and plots on the run
+    tr, parent = reported_sweep(mlflow_server, "ui")  # as a sweep ends: verdicts, metrics, renders, plots
     capsys.readouterr()
     exp_id, run = tr.experiment_id(), MlflowClient(mlflow_server).get_run(parent)
     delta = statistics.mean(bpb("lrt", "b0", s) - bpb("baseline", "b0", s) for s in (0, 1))
