@@ -79,17 +79,28 @@ def _json_value(text: str):
         raise argparse.ArgumentTypeError(f"{short_repr(text)} is not JSON") from None
 
 
+def config_types(cls) -> dict[str, Any]:
+    """Each field of a config dataclass -> its type, `X | None` read as X (None = unset)."""
+    import types
+    import typing
+
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        out[name] = tp
+    return out
+
+
 def add_config_arguments(group, cls, defaults: dict | None = None) -> None:
     """One flag per field of the dataclass `cls` (`--source-layer`; a bool that defaults to True gets
     `--no-<name>`), typed, with its choices, default and help. `defaults` overrides a field's default."""
     import typing
 
-    hints = typing.get_type_hints(cls)
+    hints = config_types(cls)
     for f in dataclasses.fields(cls):
         default = (defaults or {}).get(f.name, f.default)
-        kind = typing.get_origin(hints[f.name])
-        base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] if kind is not None else []
-        tp = hints[f.name] if kind is None else base[0] if len(base) == 1 else hints[f.name]
+        tp = hints[f.name]
         help_ = (f.metadata.get("help") or "").replace("%", "%%") or None  # argparse formats help with %
         if tp is bool:
             if f.default:

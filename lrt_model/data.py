@@ -107,9 +107,7 @@ def _list_shards(corpus: str) -> tuple[pafs.FileSystem, list[str]]:
     if info.type != pafs.FileType.Directory:
         raise DataError(f"corpus path {corpus} is a file, not a directory: "
                         "pass the directory that holds the .parquet shards")
-    files = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    shards = sorted((f.path for f in files if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")),
-                    key=lambda p: p.rsplit("/", 1)[-1])
+    shards = [f.path for _, f in sorted(_parquet_files(fs, path).items())]  # sorted by file name
     if not shards:
         raise DataError(
             f"no .parquet shards in {corpus}: a corpus is a directory of parquet files with a string column 'text' "

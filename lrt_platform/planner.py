@@ -36,8 +36,8 @@ Design choices:
   refuses, before anything starts, a pool or type no node of the connected
   cluster carries, and `spot_warnings` says when a spot pool (`*-spot`) runs
   without `failure.checkpoint_every` (a preemption then loses up to an
-  evaluation interval). Dry runs show the pool column; they do not connect
-  to Ray, so they show no capacity.
+  evaluation interval). Dry runs show the pool column, and with `--address`
+  each pool's free capacity (`pool_capacity`).
 - Estimated wall time comes from a short measured probe: a few training steps
   and one evaluation of each distinct model config (shrunk when large) on this
   machine's CPU, scaled by FLOPs. A rough guide for CPU specs; GPU specs get
@@ -358,17 +358,20 @@ def check_pools(spec: Spec, nodes: list[dict]) -> None:
         if pool and not eligible({POOL_PREFIX + pool: 1}, nodes):
             raise PlanError(f"{pool_at}={pool}: the connected Ray cluster has no node with resource "
                             f"{POOL_PREFIX}{pool} (pools it has: {have}); fix the name or start that pool ({up})")
-        types = sorted({k[len(ACCELERATOR_PREFIX):] for res in alive_nodes(nodes) for k in res
-                        if k.startswith(ACCELERATOR_PREFIX)})
         if not pool:
             raise PlanError(f"{acc_at}={accelerator}: the connected Ray cluster has no node with resource "
                             f"{ACCELERATOR_PREFIX}{accelerator} (accelerator types it has: "
-                            f"{', '.join(types) or 'none'}); fix the type or start nodes that have it ({up})")
-        in_pool = sorted({k[len(ACCELERATOR_PREFIX):] for res in eligible({POOL_PREFIX + pool: 1}, nodes) for k in res
-                          if k.startswith(ACCELERATOR_PREFIX)})
+                            f"{', '.join(_accelerators(alive_nodes(nodes))) or 'none'}); fix the type or start nodes "
+                            f"that have it ({up})")
+        in_pool = _accelerators(eligible({POOL_PREFIX + pool: 1}, nodes))
         raise PlanError(f"{acc_at}={accelerator}: no node of pool {pool} has resource "
-                        f"{ACCELERATOR_PREFIX}{accelerator} (its nodes have: {', '.join(in_pool) or 'no accelerator type'}); "
-                        "fix the type or the pool")
+                        f"{ACCELERATOR_PREFIX}{accelerator} (its nodes have: "
+                        f"{', '.join(in_pool) or 'no accelerator type'}); fix the type or the pool")
+
+
+def _accelerators(resources: list[dict]) -> list[str]:
+    """The accelerator types (Ray's accelerator_type:<type>) among nodes' resources."""
+    return sorted({k[len(ACCELERATOR_PREFIX):] for res in resources for k in res if k.startswith(ACCELERATOR_PREFIX)})
 
 
 def spot_warnings(spec: Spec, trials: list[Trial]) -> list[str]:
@@ -705,9 +708,10 @@ def format_tuning(tuning: dict) -> str:
         "then the grid below runs every arm with its best setting and the spec's seeds"])
 
 
-def dry_run(spec: Spec, probe: bool = True, root: str | None = None) -> dict:
-    """The plan as JSON-ready data (what `--dry-run --json` prints)."""
-    trials = plan(spec, root)
+def dry_run(spec: Spec, probe: bool = True, root: str | None = None, trials: list[Trial] | None = None) -> dict:
+    """The plan as JSON-ready data (what `--dry-run --json` prints); `trials`: `plan(spec, root)` when the
+    caller has it already (planning checks the corpus and the CORE bundle: once is enough)."""
+    trials = plan(spec, root) if trials is None else list(trials)
     search = None
     if spec.search is not None:
         default = default_search_trial(spec, root)

@@ -56,7 +56,6 @@ import json
 import math
 import os
 import re
-import types
 import typing
 from typing import Any, Literal
 
@@ -65,10 +64,10 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from lrt_model.config import (INJECTIONS, MAX_BATCH, MAX_BUDGET, MAX_DEPTH, MAX_HEAD_DIM, MAX_PASSES, MAX_SEED,
-                               MAX_SEQ_LEN, MAX_VOCAB, MAX_WIDTH, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, ConfigError,
-                               ModelConfig, RecurrenceConfig, check_icl, check_number, short_repr)
+                               MAX_SEQ_LEN, MAX_VOCAB, MAX_WIDTH, PROJECTIONS, STRATEGIES, VALUE_EMBEDS, VIEWS,
+                               ConfigError, ModelConfig, RecurrenceConfig, check_icl, check_number, config_types,
+                               headline_view, short_repr)
 from lrt_model.decode import DECODE_MODES
-from lrt_model.evaluation import VIEWS, headline_view
 from lrt_model.optim import OptimConfig
 
 # experiment and arm names become folder names and trial ids: no separators, no whitespace, no leading dot
@@ -90,6 +89,7 @@ STORAGE_ENV = "LRT_STORAGE"  # the sweep storage of a spec that names none (a cl
 DEFAULT_STORAGE = "./runs"
 POOL_PREFIX = "pool-"  # pool P = the Ray custom resource pool-P on its nodes (infra/aws/cluster.yaml)
 ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's own per-node resource, e.g. accelerator_type:H100
+ACCELERATOR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # an accelerator type, or any plain name
 # fields added after sweeps were already running: left out of the hash while unset (None), so a running
 # sweep keeps its hash (and its storage) and only a spec that sets them gets a new one; "*" = every list item
 # Bump when a trainer default or rule changes what an unchanged spec computes, so a sweep started under the
@@ -186,7 +186,7 @@ def check_accelerator(v: str) -> str:
     if v.startswith(ACCELERATOR_PREFIX):
         raise ValueError(f"{short_repr(v)} is Ray's resource name; give the type alone "
                          f"(accelerator_type: {_bare(v[len(ACCELERATOR_PREFIX):])})")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", v):
+    if not ACCELERATOR_RE.fullmatch(v):
         raise ValueError(f"{short_repr(v)} is not an accelerator type; use Ray's name for it, e.g. H100, A100, L4")
     return v
 
@@ -198,7 +198,7 @@ def default_storage() -> str:
 
 def _bare(v: str) -> str:
     """A name as YAML would take it unquoted, when it is a plain one."""
-    return v if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", v) else short_repr(v)
+    return v if ACCELERATOR_RE.fullmatch(v) else short_repr(v)
 
 
 PoolName = typing.Annotated[str, AfterValidator(check_pool)]
@@ -216,12 +216,10 @@ def config_schema(cls) -> dict[str, tuple]:
     """pydantic field definitions for the fields of a config dataclass, each optional (None keeps the
     dataclass default): its type, its `choices` as a Literal and the bounds its `config_field` metadata
     gives, so a spec's fields are derived from the one definition the trainer's flags also come from."""
-    hints = typing.get_type_hints(cls)
+    hints = config_types(cls)
     out = {}
     for f in dataclasses.fields(cls):
         m, tp = f.metadata, hints[f.name]
-        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:  # X | None -> X
-            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
         if "choices" in m:
             tp = Literal[tuple(m["choices"])]
         bounds = {k: m[k] for k in ("ge", "gt", "le", "lt") if k in m}
